@@ -1,0 +1,50 @@
+"""The one call signature every loss module shares, so a recipe never special-cases a loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ResponseLogProbs:
+    """Everything a preference loss may read about a batch of N responses to B prompts (all ``[N]``).
+
+    ``reference_logps`` and ``reference_prompt_logps`` are None when the loss needs no reference model.
+    """
+
+    policy_logps: Tensor
+    policy_prompt_logps: Tensor
+    reference_logps: Optional[Tensor]
+    reference_prompt_logps: Optional[Tensor]
+    rewards: Tensor
+    prompt_ids: Tensor
+    response_lengths: Tensor
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss, and the loss's own implicit reward of each response (detached, ``[N]``) for metrics."""
+
+    loss: Tensor
+    implicit_rewards: Tensor
+
+
+class PreferenceLoss(nn.Module):
+    """Base class: ``forward(batch: ResponseLogProbs) -> LossOutput``.
+
+    ``needs_reference`` tells the recipe whether to load and run a reference model at all.
+    ``calibrate`` sees every reward of the training set once before training (e.g. to pick a
+    data-dependent constant) and returns the values it chose, for the log.
+    """
+
+    needs_reference: bool = True
+
+    def calibrate(self, dataset_rewards: Tensor) -> dict[str, float]:
+        return {}
+
+    def forward(self, batch: ResponseLogProbs) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
