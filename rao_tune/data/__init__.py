@@ -1,0 +1,19 @@
+from rao_tune.data.collate import collate_reward_batch
+from rao_tune.data.reward_dataset import (
+    RewardAnnotatedDataset,
+    reward_dataset,
+    tokenize_conversation,
+    tokenize_prompt_and_responses,
+    ultrafeedback_binarized_dataset,
+    ultrafeedback_dataset,
+)
+
+__all__ = [
+    "RewardAnnotatedDataset",
+    "collate_reward_batch",
+    "reward_dataset",
+    "tokenize_conversation",
+    "tokenize_prompt_and_responses",
+    "ultrafeedback_binarized_dataset",
+    "ultrafeedback_dataset",
+]

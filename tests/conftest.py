@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny assets built once per test session (no hub, no downloads)."""
+
+from pathlib import Path
+
+import pytest
+from torchtune.models.llama3 import llama3_tokenizer
+
+from rao_tune.tiny import build_tiny_assets
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    return build_tiny_assets(tmp_path_factory.mktemp("tiny_assets"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_assets):
+    return llama3_tokenizer(
+        str(tiny_assets["tokenizer_path"]), special_tokens_path=str(tiny_assets["special_tokens_path"])
+    )

@@ -1,0 +1,220 @@
+"""The reward-annotated dataset builder: layouts, tokenization boundaries and bad rows."""
+
+import json
+import logging
+import math
+
+import datasets
+import pytest
+import torch
+
+from rao_tune.data import RewardAnnotatedDataset, collate_reward_batch, reward_dataset
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def write_parquet(path, rows):
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return str(path)
+
+
+def chat_tokens(tokenizer, role_contents, *, generation_prompt=False):
+    """Llama3 chat layout built by hand from the tokenizer's pieces, independent of tokenize_messages."""
+    tokens = [tokenizer.bos_id]
+    for role, content in role_contents:
+        tokens += [tokenizer.start_header_id] + tokenizer.encode(role, add_bos=False, add_eos=False)
+        tokens += [tokenizer.end_header_id] + tokenizer.encode("\n\n", add_bos=False, add_eos=False)
+        tokens += tokenizer.encode(content.strip(), add_bos=False, add_eos=False) + [tokenizer.eot_id]
+    if generation_prompt:
+        tokens += [tokenizer.start_header_id] + tokenizer.encode("assistant", add_bos=False, add_eos=False)
+        tokens += [tokenizer.end_header_id] + tokenizer.encode("\n\n", add_bos=False, add_eos=False)
+    return tokens
+
+
+def response_tokens(tokenizer, text):
+    return tokenizer.encode(text.strip(), add_bos=False, add_eos=False) + [tokenizer.eot_id]
+
+
+def test_native_layout_tokenizes_prompt_and_responses_apart(tmp_path, tokenizer):
+    rows = [
+        {"prompt": "count to 3", "responses": ["1 2 3", "1 2"], "rewards": [1.0, 0.5]},
+        {
+            "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse: a b"}],
+            "responses": [{"role": "assistant", "content": "b a"}, {"role": "assistant", "content": "a b"},
+                          {"role": "assistant", "content": "b"}],
+            "rewards": [1.0, 0.0, 0.5],
+        },
+    ]
+    dataset = reward_dataset(tokenizer, source="json", data_files=write_jsonl(tmp_path / "d.jsonl", rows))
+    assert dataset.layout == "native" and len(dataset) == 2
+
+    first = dataset[0]
+    assert first["prompt_tokens"] == chat_tokens(tokenizer, [("user", "count to 3")], generation_prompt=True)
+    assert first["response_tokens"] == [response_tokens(tokenizer, "1 2 3"), response_tokens(tokenizer, "1 2")]
+    assert first["rewards"] == [1.0, 0.5]
+
+    second = dataset[1]
+    assert second["prompt_tokens"] == chat_tokens(
+        tokenizer, [("system", "be brief"), ("user", "reverse: a b")], generation_prompt=True
+    )
+    assert [tokenizer.decode(r) for r in second["response_tokens"]] == ["b a", "a b", "b"]
+    assert dataset.first_token == tokenizer.bos_id
+    torch.testing.assert_close(dataset.all_rewards(), torch.tensor([1.0, 0.5, 1.0, 0.0, 0.5], dtype=torch.float64))
+
+
+def test_column_map_and_parquet(tmp_path, tokenizer):
+    rows = [{"question": "count to 2", "answers": ["1 2", "1"], "scores": [1.0, 0.5]}]
+    dataset = reward_dataset(
+        tokenizer,
+        source="parquet",
+        data_files=write_parquet(tmp_path / "d.parquet", rows),
+        column_map={"prompt": "question", "responses": "answers", "rewards": "scores"},
+    )
+    assert dataset[0]["rewards"] == [1.0, 0.5]
+    assert tokenizer.decode(dataset[0]["response_tokens"][0]) == "1 2"
+
+
+def test_ultrafeedback_binarized_layout(tmp_path, tokenizer):
+    prompt = "repeat the word apple 2 times"
+    rows = [
+        {
+            "prompt": prompt,
+            "prompt_id": "x",
+            "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "apple apple"}],
+            "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "apple"}],
+            "messages": [],
+            "score_chosen": 9.0,
+            "score_rejected": 4.5,
+        }
+    ]
+    dataset = reward_dataset(tokenizer, source="json", data_files=write_jsonl(tmp_path / "uf.jsonl", rows))
+    assert dataset.layout == "ultrafeedback_binarized"
+    sample = dataset[0]
+    assert sample["prompt_tokens"] == chat_tokens(tokenizer, [("user", prompt)], generation_prompt=True)
+    assert sample["response_tokens"] == [response_tokens(tokenizer, "apple apple"), response_tokens(tokenizer, "apple")]
+    assert sample["rewards"] == [9.0, 4.5]
+
+
+def _openbmb_row(instruction, completions):
+    return {
+        "source": "test",
+        "instruction": instruction,
+        "models": ["m"] * len(completions),
+        "completions": [
+            {
+                "model": "m",
+                "response": text,
+                "overall_score": overall,
+                "fine-grained_score": fine,
+                "annotations": {"helpfulness": {"Rating": rating, "Rationale": "..."}},
+            }
+            for text, overall, fine, rating in completions
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "score_field, expected", [("overall_score", [7.0, 3.5, 5.0]), ("fine-grained_score", [4.5, 2.0, 3.25]),
+                              ("annotations.helpfulness.Rating", [5.0, 2.0, 4.0])]
+)
+def test_openbmb_ultrafeedback_layout(tmp_path, tokenizer, score_field, expected):
+    rows = [_openbmb_row("count to 2", [("1 2", 7.0, 4.5, "5"), ("2 1", 3.5, 2.0, "2"), ("1", 5.0, 3.25, "4")])]
+    dataset = reward_dataset(
+        tokenizer, source="json", data_files=write_jsonl(tmp_path / "ob.jsonl", rows), score_field=score_field
+    )
+    assert dataset.layout == "ultrafeedback"
+    assert dataset[0]["rewards"] == expected
+    assert [tokenizer.decode(r) for r in dataset[0]["response_tokens"]] == ["1 2", "2 1", "1"]
+
+
+GOOD = {"prompt": "count to 2", "responses": ["1 2", "1"], "rewards": [1.0, 0.5]}
+
+BAD_ROWS = [
+    ({"prompt": "count to 2", "responses": ["1 2", "1"], "rewards": [1.0, None]}, "rewards[1]", "missing"),
+    ({"prompt": "count to 2", "responses": ["1 2", "1"], "rewards": [1.0, math.nan]}, "rewards[1]", "not finite"),
+    ({"prompt": "count to 2", "responses": ["1 2", "1"], "rewards": [math.inf, 0.0]}, "rewards[0]", "not finite"),
+    ({"prompt": "count to 2", "responses": ["1 2", "1"], "rewards": [1.0]}, "rewards", "2 responses but 1 rewards"),
+    ({"prompt": "count to 2", "responses": ["1 2", "  "], "rewards": [1.0, 0.0]}, "responses[1]", "empty"),
+    ({"prompt": "count to 2", "responses": [], "rewards": []}, "responses", "no responses"),
+    ({"prompt": None, "responses": ["1"], "rewards": [1.0]}, "prompt", "missing field"),
+    ({"prompt": "count to 2 " * 40, "responses": ["1"], "rewards": [1.0]}, "prompt", "max_seq_len"),
+]
+
+
+@pytest.mark.parametrize("bad_row, field, message", BAD_ROWS)
+def test_bad_row_error_names_file_row_and_field(tmp_path, tokenizer, bad_row, field, message):
+    # Parquet stores NaN / inf and nulls faithfully; the bad row is third.
+    path = write_parquet(tmp_path / "bad.parquet", [GOOD, GOOD, bad_row, GOOD])
+    with pytest.raises(ValueError) as err:
+        reward_dataset(tokenizer, source="parquet", data_files=path, max_seq_len=64)
+    text = str(err.value)
+    assert "bad.parquet" in text and "row 2" in text and f"field '{field}'" in text and message in text
+
+
+def test_drop_mode_skips_bad_rows_and_logs_why(tmp_path, tokenizer, caplog):
+    rows = [GOOD] + [row for row, _, _ in BAD_ROWS] + [GOOD]
+    path = write_parquet(tmp_path / "bad.parquet", rows)
+    with caplog.at_level(logging.WARNING):
+        dataset = reward_dataset(tokenizer, source="parquet", data_files=path, max_seq_len=64, on_bad_row="drop")
+    assert len(dataset) == 2
+    assert sum(dataset.dropped.values()) == len(BAD_ROWS)
+    assert dataset.dropped["non_finite_reward"] == 2 and dataset.dropped["prompt_too_long"] == 1
+    assert f"dropped {len(BAD_ROWS)} bad rows" in caplog.text
+
+
+class PlainTextTokenizer:
+    """A completion-style tokenizer with no BOS and no chat header: the first token is the prompt's first word."""
+
+    def __init__(self, inner):
+        self.inner, self.pad_id = inner, inner.pad_id
+
+    def tokenize_messages(self, messages, *, add_end_tokens=True):
+        tokens, mask = [], []
+        for message in messages:
+            piece = self.inner.encode(message.text_content, add_bos=False, add_eos=False)
+            tokens, mask = tokens + piece, mask + [message.masked] * len(piece)
+        if add_end_tokens:
+            tokens, mask = tokens + [self.inner.eos_id], mask + [False]
+        return tokens, mask
+
+
+def test_sequences_must_share_the_first_token(tmp_path, tokenizer):
+    rows = [GOOD, {"prompt": "reverse: a b", "responses": ["b a"], "rewards": [1.0]}]
+    path = write_jsonl(tmp_path / "t0.jsonl", rows)
+    plain = PlainTextTokenizer(tokenizer)
+    with pytest.raises(ValueError, match=r"t0\.jsonl.*row 1, field 'prompt'.*shared first token t0"):
+        RewardAnnotatedDataset(plain, source="json", data_files=path)
+    dropped = RewardAnnotatedDataset(plain, source="json", data_files=path, on_bad_row="drop")
+    assert len(dropped) == 1 and dropped.dropped == {"first_token": 1}
+
+
+def test_long_responses_are_cut_to_max_seq_len(tmp_path, tokenizer):
+    rows = [{"prompt": "count to 30", "responses": [" ".join(str(i) for i in range(1, 31)), "1"], "rewards": [1.0, 0.0]}]
+    dataset = reward_dataset(tokenizer, source="json", data_files=write_jsonl(tmp_path / "l.jsonl", rows), max_seq_len=24)
+    sample = dataset[0]
+    assert len(sample["prompt_tokens"]) + len(sample["response_tokens"][0]) == 24
+    assert len(sample["response_tokens"][1]) == 2  # "1" and <|eot_id|>
+
+
+def test_unknown_layout_is_explained(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"text": "hello"}])
+    with pytest.raises(ValueError, match="cannot tell the dataset layout"):
+        reward_dataset(tokenizer, source="json", data_files=path)
+
+
+def test_collate_flattens_uneven_prompts_with_aligned_masks():
+    samples = [
+        {"prompt_tokens": [5, 6, 7], "response_tokens": [[8, 9], [10]], "rewards": [1.0, 0.0]},
+        {"prompt_tokens": [5, 11], "response_tokens": [[12, 13, 14]], "rewards": [0.5]},
+    ]
+    batch = collate_reward_batch(samples, pad_id=0)
+    assert batch["tokens"].tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 10, 0], [5, 11, 12, 13, 14]]
+    # position i is True when token i+1 belongs to the segment
+    assert batch["prompt_mask"].int().tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    assert batch["response_mask"].int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 0, 0], [0, 1, 1, 1, 0]]
+    assert batch["prompt_ids"].tolist() == [0, 0, 1]
+    assert batch["response_lengths"].tolist() == [2, 1, 3]
+    assert batch["rewards"].tolist() == [1.0, 0.0, 0.5]
