@@ -1,0 +1,345 @@
+"""Tiny, hub-free assets (tokenizer, Llama3 checkpoint, reward data) so tests and the tiny config run on a CPU.
+
+Nothing here downloads anything: the tokenizer is trained on a generated corpus, the model is randomly
+initialised, and the data is a synthetic task whose rewards grade how right each answer is.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+from torchtune.models.convert_weights import tune_to_hf
+from torchtune.models.llama3 import llama3
+from torchtune.models.llama3._tokenizer import CL100K_PATTERN
+
+# The special tokens torchtune's Llama3Tokenizer looks up, in Llama 3's order. Their ids start at
+# ``base_vocab_size`` whatever the corpus, so configs can rely on them.
+LLAMA3_NAMED_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+)
+# The total vocabulary is rounded up to a multiple of this with reserved special tokens.
+VOCAB_MULTIPLE = 16
+
+TOKENIZER_FILE = "tokenizer.model"
+SPECIAL_TOKENS_FILE = "special_tokens.json"
+CHECKPOINT_FILE = "model.safetensors"
+
+_WORDS: tuple[str, ...] = (
+    "apple", "banana", "cat", "dog", "egg", "fish", "grape", "hat", "ink", "jam",
+    "kite", "lemon", "moon", "nut", "owl", "pear", "queen", "rose", "sun", "tree",
+)  # fmt: skip
+
+
+def _byte_to_char() -> dict[int, str]:
+    """The byte -> printable character table byte-level BPE trains on (GPT-2's): printable Latin-1 bytes map to
+    themselves, every other byte to an unused code point from 256 up, so every byte string is a plain string."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    next_code_point = 256
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(next_code_point)
+            next_code_point += 1
+    return table
+
+
+def _train_byte_level_bpe(corpus: list[str], base_vocab_size: int) -> list[bytes]:
+    """Train a byte-level BPE and return its tokens as bytes in rank order: the 256 single bytes first (so any
+    text encodes), then each merge in the order it was learnt (so tiktoken merges in the same order)."""
+    tokenizer = Tokenizer(models.BPE())
+    # Split like tiktoken will at encode time, so the learnt merges never cross tiktoken's pieces.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CL100K_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=base_vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+
+    char_to_byte = {char: byte for byte, char in _byte_to_char().items()}
+
+    def to_bytes(piece: str) -> bytes:
+        return bytes(char_to_byte[char] for char in piece)
+
+    tokens = [bytes([byte]) for byte in range(256)]
+    seen = set(tokens)
+    for left, right in merges:
+        merged = to_bytes(left) + to_bytes(right)
+        if merged not in seen:
+            seen.add(merged)
+            tokens.append(merged)
+    return tokens[:base_vocab_size]
+
+
+def build_tokenizer(out_dir: Path, corpus: list[str], base_vocab_size: int = 512) -> dict[str, Any]:
+    """Write a tiny Llama3-style tiktoken tokenizer to ``out_dir``, trained on ``corpus``.
+
+    Special tokens take ids ``base_vocab_size`` and up; when the corpus yields fewer merges than the base
+    vocabulary has room for, the gap is filled with reserved special tokens, so ids and ``vocab_size`` depend
+    only on ``base_vocab_size``. Load it with ``llama3_tokenizer(tokenizer_path,
+    special_tokens_path=special_tokens_path)``; the model's vocabulary must equal ``vocab_size``.
+    """
+    if base_vocab_size < 256:
+        raise ValueError(f"base_vocab_size must hold the 256 single bytes, got {base_vocab_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokens = _train_byte_level_bpe(corpus, base_vocab_size)
+    tokenizer_path = out_dir / TOKENIZER_FILE
+    tokenizer_path.write_text(
+        "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for rank, token in enumerate(tokens))
+    )
+
+    special_tokens = {name: base_vocab_size + offset for offset, name in enumerate(LLAMA3_NAMED_SPECIAL_TOKENS)}
+    named_end = base_vocab_size + len(LLAMA3_NAMED_SPECIAL_TOKENS)
+    vocab_size = -(-named_end // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    reserved_ids = [*range(len(tokens), base_vocab_size), *range(named_end, vocab_size)]
+    for index, token_id in enumerate(reserved_ids):
+        special_tokens[f"<|reserved_special_token_{index}|>"] = token_id
+
+    # The layout of a Hugging Face tokenizer.json's "added_tokens", which torchtune's parser reads.
+    special_tokens_path = out_dir / SPECIAL_TOKENS_FILE
+    added_tokens = [
+        {"id": token_id, "content": name, "special": True}
+        for name, token_id in sorted(special_tokens.items(), key=lambda item: item[1])
+    ]
+    special_tokens_path.write_text(json.dumps({"added_tokens": added_tokens}, indent=2) + "\n")
+
+    return {
+        "tokenizer_path": tokenizer_path,
+        "special_tokens_path": special_tokens_path,
+        "vocab_size": vocab_size,
+        "base_vocab_size": base_vocab_size,
+        "num_merged_tokens": len(tokens),
+        "special_tokens": special_tokens,
+    }
+
+
+def build_llama3_checkpoint(
+    out_dir: Path,
+    vocab_size: int,
+    *,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    embed_dim: int = 64,
+    intermediate_dim: int = 128,
+    max_seq_len: int = 256,
+    rope_base: float = 500000.0,
+    norm_eps: float = 1e-5,
+    seed: int = 0,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+) -> dict[str, Any]:
+    """Write a randomly initialised tiny Llama3 as a Hugging Face checkpoint (``model.safetensors`` and
+    ``config.json``) in ``out_dir``, loadable by torchtune's ``FullModelHFCheckpointer(model_type="LLAMA3")`` and
+    by ``transformers.LlamaForCausalLM``. Returns the ``torchtune.models.llama3.llama3`` kwargs that rebuild it.
+
+    It uses the plain ``llama3`` rope (no Llama 3.1 scaling), which is what a ``rope_theta`` alone means to
+    transformers.
+    """
+    if embed_dim % num_heads != 0:
+        raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_kwargs: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "embed_dim": embed_dim,
+        "intermediate_dim": intermediate_dim,
+        "max_seq_len": max_seq_len,
+        "rope_base": rope_base,
+        "norm_eps": norm_eps,
+    }
+    # Fork the RNG so building assets never shifts the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = llama3(**model_kwargs).to(torch.float32)
+    hf_state_dict = tune_to_hf(model.state_dict(), num_heads=num_heads, num_kv_heads=num_kv_heads, dim=embed_dim)
+    save_file({name: tensor.contiguous() for name, tensor in hf_state_dict.items()}, str(out_dir / CHECKPOINT_FILE))
+
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": embed_dim,
+        "intermediate_size": intermediate_dim,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": embed_dim // num_heads,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_seq_len,
+        "rope_theta": rope_base,
+        "rms_norm_eps": norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+    if bos_token_id is not None:
+        config["bos_token_id"] = bos_token_id
+    if eos_token_id is not None:
+        config["eos_token_id"] = eos_token_id
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return model_kwargs
+
+
+# --- Synthetic reward data -------------------------------------------------------------------------------------
+
+
+def _answer_score(answer: list[str], target: list[str]) -> float:
+    """Fraction of positions answered right, over the longer of answer and target: missing and extra items
+    both cost, so the score is graded in [0, 1] and 1 only for the exact answer."""
+    matches = sum(given == wanted for given, wanted in zip(answer, target))
+    return matches / max(len(answer), len(target))
+
+
+def _count_task(rng: random.Random) -> tuple[str, list[str], Callable[[int], str]]:
+    n = rng.randint(3, 8)
+    target = [str(i) for i in range(1, n + 1)]
+    # Wrong items are other small numbers; extra items keep on counting past n.
+    return f"count to {n}", target, lambda i: str(n + 1 + i)
+
+
+def _repeat_task(rng: random.Random) -> tuple[str, list[str], Callable[[int], str]]:
+    word = rng.choice(_WORDS)
+    times = rng.randint(3, 6)
+    return f"repeat the word {word} {times} times", [word] * times, lambda i: word
+
+
+def _reverse_task(rng: random.Random) -> tuple[str, list[str], Callable[[int], str]]:
+    words = rng.sample(_WORDS, rng.randint(3, 5))
+    return f"reverse: {' '.join(words)}", words[::-1], lambda i: rng.choice(_WORDS)
+
+
+_TASKS = (_count_task, _repeat_task, _reverse_task)
+
+
+def _wrong_item(rng: random.Random, right: str) -> str:
+    pool = [str(i) for i in range(1, 10)] if right.isdigit() else list(_WORDS)
+    return rng.choice([item for item in pool if item != right])
+
+
+def _corrupt(rng: random.Random, target: list[str], num_errors: int, extra_item: Callable[[int], str]) -> list[str]:
+    """``target`` with ``num_errors`` mistakes of one kind: wrong items, a cut-off end, or too many items."""
+    if num_errors == 0:
+        return list(target)
+    kinds = ["substitute", "extend"] + (["truncate"] if num_errors < len(target) else [])
+    kind = rng.choice(kinds)
+    if kind == "truncate":
+        return target[: len(target) - num_errors]
+    if kind == "extend":
+        return target + [extra_item(i) for i in range(num_errors)]
+    answer = list(target)
+    for position in rng.sample(range(len(target)), num_errors):
+        answer[position] = _wrong_item(rng, target[position])
+    return answer
+
+
+def reward_rows(
+    num_prompts: int = 64, responses_per_prompt: tuple[int, int] = (2, 4), seed: int = 0
+) -> list[dict[str, Any]]:
+    """Rows of the synthetic task in the native layout ``{"prompt", "responses", "rewards"}``.
+
+    Each response of a prompt has a different number of mistakes, so rewards differ within a prompt, and the
+    number of responses varies between rows on purpose.
+    """
+    low, high = responses_per_prompt
+    if not 1 <= low <= high:
+        raise ValueError(f"responses_per_prompt must be (low, high) with 1 <= low <= high, got {responses_per_prompt}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_prompts):
+        prompt, target, extra_item = rng.choice(_TASKS)(rng)
+        # Targets have >= 3 items, so up to 4 distinct mistake counts exist; more responses reuse counts.
+        mistake_counts = list(range(len(target) + 1))
+        num_responses = rng.randint(low, high)
+        if num_responses <= len(mistake_counts):
+            chosen_counts = rng.sample(mistake_counts, num_responses)
+        else:
+            chosen_counts = [rng.choice(mistake_counts) for _ in range(num_responses)]
+        answers = [_corrupt(rng, target, count, extra_item) for count in chosen_counts]
+        rows.append(
+            {
+                "prompt": prompt,
+                "responses": [" ".join(answer) for answer in answers],
+                "rewards": [round(_answer_score(answer, target), 4) for answer in answers],
+            }
+        )
+    return rows
+
+
+def build_reward_data(
+    out_path: Path, *, num_prompts: int = 64, responses_per_prompt: tuple[int, int] = (2, 4), seed: int = 0
+) -> None:
+    """Write ``reward_rows(...)`` as JSON lines to ``out_path``."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = reward_rows(num_prompts, responses_per_prompt, seed)
+    out_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def tiny_corpus(seed: int = 0) -> list[str]:
+    """Text covering the task's vocabulary and the chat roles, for training the tiny tokenizer."""
+    rows = reward_rows(num_prompts=512, responses_per_prompt=(4, 4), seed=seed)
+    corpus = [" ".join(_WORDS), " ".join(str(i) for i in range(1, 20)), "system user assistant ipython"]
+    for row in rows:
+        corpus.append(row["prompt"])
+        corpus.extend(row["responses"])
+    return corpus
+
+
+def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """Build the tokenizer, matching checkpoint and training data under ``out_dir``.
+
+    Everything is rebuilt on each call, so the same seed always leaves the same files.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(out_dir / "tokenizer", tiny_corpus(seed))
+    special_tokens = tokenizer["special_tokens"]
+    checkpoint_dir = out_dir / "model"
+    model_kwargs = build_llama3_checkpoint(
+        checkpoint_dir,
+        tokenizer["vocab_size"],
+        seed=seed,
+        bos_token_id=special_tokens["<|begin_of_text|>"],
+        eos_token_id=[special_tokens["<|end_of_text|>"], special_tokens["<|eot_id|>"]],
+    )
+    train_data_path = out_dir / "data" / "train.jsonl"
+    build_reward_data(train_data_path, num_prompts=64, seed=seed)
+    return {
+        "out_dir": out_dir,
+        "tokenizer_path": tokenizer["tokenizer_path"],
+        "special_tokens_path": tokenizer["special_tokens_path"],
+        "checkpoint_dir": checkpoint_dir,
+        "checkpoint_files": [CHECKPOINT_FILE],
+        "train_data_path": train_data_path,
+        "vocab_size": tokenizer["vocab_size"],
+        "special_tokens": special_tokens,
+        "model_kwargs": model_kwargs,
+    }

@@ -1,0 +1,66 @@
+"""Saving and resuming a sharded run through torchtune's checkpointers (HF format in and out)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchtune import training
+
+log = logging.getLogger(__name__)
+
+
+def save_epoch_checkpoint(
+    checkpointer: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epoch: int,
+    total_epochs: int,
+    recipe_state: dict[str, Any],
+    device: torch.device,
+    is_rank_zero: bool,
+) -> None:
+    """Write the model as an HF checkpoint in ``output_dir/epoch_{epoch}``; before the last epoch also the
+    optimizer and ``recipe_state`` (seed, epochs run, ...) so ``resume_from_checkpoint=True`` can continue.
+
+    Every rank must call this: gathering the sharded weights and optimizer state is collective.
+    """
+    start = time.perf_counter()
+    intermediate = epoch + 1 < total_epochs
+    model_state = training.gather_cpu_state_dict(model, is_rank_zero, device=device)
+    optimizer_state = (
+        training.get_full_optimizer_state_dict(model, optimizer, is_rank_zero, device=device) if intermediate else None
+    )
+    if is_rank_zero:
+        state: dict[str, Any] = {training.MODEL_KEY: model_state}
+        if intermediate:
+            state.update({training.OPT_KEY: optimizer_state, **recipe_state})
+        checkpointer.save_checkpoint(state, epoch=epoch, intermediate_checkpoint=intermediate)
+        log.info("Saved epoch %d checkpoint in %.1f s", epoch, time.perf_counter() - start)
+    dist.barrier()
+
+
+def check_resume_state(checkpoint: dict[str, Any], *, seed: int, total_epochs: int, max_steps_per_epoch: Any) -> int:
+    """Validate a loaded recipe state against the config; return how many epochs were already run.
+
+    A resumed run only reproduces the uninterrupted one with the same seed and step budget, so a mismatch
+    is an error rather than a silent divergence.
+    """
+    for key, expected in (
+        (training.SEED_KEY, seed),
+        (training.TOTAL_EPOCHS_KEY, total_epochs),
+        (training.MAX_STEPS_KEY, max_steps_per_epoch),
+    ):
+        if key in checkpoint and checkpoint[key] != expected:
+            raise ValueError(
+                f"resume_from_checkpoint: the checkpoint was written with {key}={checkpoint[key]!r} but the config "
+                f"says {expected!r}; use the original value to resume this run"
+            )
+    if training.EPOCHS_KEY not in checkpoint:
+        raise ValueError("resume_from_checkpoint=True but the checkpoint has no recipe state (recipe_state.pt)")
+    return int(checkpoint[training.EPOCHS_KEY])

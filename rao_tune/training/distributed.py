@@ -1,0 +1,40 @@
+"""Process-group set-up that works the same on CPU (gloo) and CUDA (nccl)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Start the process group with the backend the device needs; return (world_size, rank).
+
+    Under ``torchrun`` / ``tune run --nproc_per_node`` the rendezvous variables are set; a plain
+    ``python -m`` or in-process call (tests) gets a one-process group on a free local port.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
+            os.environ["MASTER_PORT"] = str(_free_port())
+        # CPU tensors (e.g. gathered checkpoints) still need gloo beside nccl on CUDA.
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_world_size(), dist.get_rank()
+
+
+def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum a dict of floats over ranks (one collective for all of them)."""
+    keys = sorted(values)
+    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(packed)
+    return dict(zip(keys, packed.tolist()))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,88 @@
+"""Comparable training metrics for any preference loss, kept as sums so they add up over
+micro-batches and ranks before being turned into means."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+
+import torch
+from torch import Tensor
+
+
+def preference_statistics(
+    implicit_rewards: Tensor, log_ratios: Tensor, rewards: Tensor, prompt_ids: Tensor
+) -> dict[str, float]:
+    """Sums over one micro-batch; see :func:`finalize_preference_metrics` for what they become.
+
+    Best / worst are each prompt's highest- and lowest-reward responses, over prompts whose rewards differ.
+    """
+    implicit, target, ratio = implicit_rewards.double(), rewards.double(), log_ratios.double()
+    stats = {
+        "n_responses": float(target.numel()),
+        "sum_implicit": implicit.sum().item(),
+        "sum_target": target.sum().item(),
+        "sum_implicit_sq": (implicit**2).sum().item(),
+        "sum_target_sq": (target**2).sum().item(),
+        "sum_implicit_target": (implicit * target).sum().item(),
+        "n_ranked_prompts": 0.0,
+        "sum_logratio_best": 0.0,
+        "sum_logratio_worst": 0.0,
+        "sum_implicit_best": 0.0,
+        "sum_implicit_worst": 0.0,
+        "n_ordered_correctly": 0.0,
+    }
+    for prompt_id in torch.unique(prompt_ids):
+        members = (prompt_ids == prompt_id).nonzero().squeeze(-1)
+        prompt_rewards = target[members]
+        if prompt_rewards.max() == prompt_rewards.min():
+            continue
+        best, worst = members[prompt_rewards.argmax()], members[prompt_rewards.argmin()]
+        stats["n_ranked_prompts"] += 1
+        stats["sum_logratio_best"] += ratio[best].item()
+        stats["sum_logratio_worst"] += ratio[worst].item()
+        stats["sum_implicit_best"] += implicit[best].item()
+        stats["sum_implicit_worst"] += implicit[worst].item()
+        stats["n_ordered_correctly"] += float(implicit[best] > implicit[worst])
+    return stats
+
+
+def add_statistics(total: dict[str, float], part: dict[str, float]) -> dict[str, float]:
+    return {key: total.get(key, 0.0) + value for key, value in part.items()}
+
+
+def finalize_preference_metrics(stats: dict[str, float]) -> dict[str, float]:
+    """Means, the Pearson correlation of implicit and target rewards, and the best / worst monitors."""
+    n = stats["n_responses"]
+    metrics = {
+        "implicit_reward": stats["sum_implicit"] / n,
+        "target_reward": stats["sum_target"] / n,
+    }
+    cov = stats["sum_implicit_target"] / n - metrics["implicit_reward"] * metrics["target_reward"]
+    var_implicit = stats["sum_implicit_sq"] / n - metrics["implicit_reward"] ** 2
+    var_target = stats["sum_target_sq"] / n - metrics["target_reward"] ** 2
+    if var_implicit > 1e-12 and var_target > 1e-12:
+        metrics["reward_correlation"] = cov / math.sqrt(var_implicit * var_target)
+    ranked = stats["n_ranked_prompts"]
+    if ranked:
+        metrics["logratio_best"] = stats["sum_logratio_best"] / ranked
+        metrics["logratio_worst"] = stats["sum_logratio_worst"] / ranked
+        metrics["implicit_reward_best"] = stats["sum_implicit_best"] / ranked
+        metrics["implicit_reward_worst"] = stats["sum_implicit_worst"] / ranked
+        metrics["implicit_accuracy"] = stats["n_ordered_correctly"] / ranked
+    return metrics
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak memory in GiB: the accelerator's allocator on CUDA, the process's peak RSS on CPU
+    (torchtune's get_memory_stats raises on CPU)."""
+    if device.type == "cuda":
+        return {
+            "peak_memory_active": torch.cuda.memory_stats(device).get("active_bytes.all.peak", 0) / 2**30,
+            "peak_memory_alloc": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_memory_reserved": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    return {"peak_rss": peak_rss / (2**30 if sys.platform == "darwin" else 2**20)}

@@ -1,0 +1,60 @@
+"""Building a torchtune model from config onto FSDP2, with activation checkpointing and a full state dict."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torchtune import config, modules, training
+
+log = logging.getLogger(__name__)
+
+
+def setup_fsdp_model(
+    cfg_model: DictConfig,
+    state_dict: dict[str, Any],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    activation_checkpointing: bool = False,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    custom_sharded_layers: Optional[list[str]] = None,
+    trainable: bool = True,
+) -> nn.Module:
+    """Instantiate ``cfg_model`` on the meta device, shard it with FSDP2 and load ``state_dict`` into the shards.
+
+    Building on meta and loading shard by shard keeps every rank's peak memory at one shard of the model.
+    A non-trainable model (the frozen reference) gets no activation checkpointing and no gradients.
+    """
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        model = config.instantiate(cfg_model)
+
+    if activation_checkpointing and trainable:
+        training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+
+    shard_conditions = [partial(training.get_shard_conditions, names_to_match=custom_sharded_layers)]
+    training.shard_model(
+        model=model,
+        shard_conditions=shard_conditions,
+        cpu_offload=cpu_offload,
+        reshard_after_forward=reshard_after_forward,
+    )
+    with training.set_default_dtype(dtype), device:
+        for module in model.modules():
+            if hasattr(module, "rope_init"):  # RoPE buffers are not in the state dict
+                module.rope_init()
+
+    training.load_from_full_model_state_dict(model, state_dict, device, strict=True, cpu_offload=cpu_offload)
+    training.validate_no_params_on_meta_device(model)
+    # Dropout would make policy and reference log-probs of the same sequence disagree at step 0.
+    training.disable_dropout(model)
+    if not trainable:
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
