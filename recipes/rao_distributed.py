@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from rao_tune.data import collate_reward_batch
 from rao_tune.losses import LossOutput, PreferenceLoss, ResponseLogProbs
-from rao_tune.training.checkpoint import check_resume_state, save_epoch_checkpoint
+from rao_tune.training.checkpoint import check_resume_state, instantiate_checkpointer, save_epoch_checkpoint
 from rao_tune.training.distributed import all_reduce_sum, init_distributed
 from rao_tune.training.logprobs import sequence_logps
 from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, memory_stats, preference_statistics
@@ -57,9 +57,7 @@ class RAORecipeDistributed:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
 
-        self._checkpointer = config.instantiate(
-            cfg.checkpointer, should_load_recipe_state=self._resume_from_checkpoint
-        )
+        self._checkpointer = instantiate_checkpointer(cfg.checkpointer, resume=self._resume_from_checkpoint)
         checkpoint = self._checkpointer.load_checkpoint()
         if self._resume_from_checkpoint:
             self.epochs_run = check_resume_state(
@@ -140,7 +138,7 @@ class RAORecipeDistributed:
         if "ref_checkpointer" in cfg and cfg.ref_checkpointer is not None:
             ref_checkpointer = config.instantiate(cfg.ref_checkpointer, should_load_recipe_state=False)
         elif self._resume_from_checkpoint:
-            ref_checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
+            ref_checkpointer = instantiate_checkpointer(cfg.checkpointer, resume=False)
         else:
             return checkpoint[training.MODEL_KEY]
         return ref_checkpointer.load_checkpoint()[training.MODEL_KEY]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 from torch import nn
-from torchtune import training
+from torchtune import config, training
+from torchtune.training.checkpointing._utils import RECIPE_STATE_DIRNAME
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +68,39 @@ def check_resume_state(checkpoint: dict[str, Any], *, seed: int, total_epochs: i
     if training.EPOCHS_KEY not in checkpoint:
         raise ValueError("resume_from_checkpoint=True but the checkpoint has no recipe state (recipe_state.pt)")
     return int(checkpoint[training.EPOCHS_KEY])
+
+
+def instantiate_checkpointer(cfg_checkpointer: DictConfig, *, resume: bool) -> Any:
+    """The configured checkpointer; with ``resume`` it reads the epoch that the saved recipe state belongs to.
+
+    torchtune 0.6.1 resumes from ``output_dir/<checkpoint_files>``, so a user would have to rewrite
+    ``checkpoint_files`` by hand. Here ``resume_from_checkpoint=True`` alone suffices: the recipe state
+    says how many epochs ran (N), and the model is read from ``output_dir/epoch_{N-1}``, never from a
+    later, possibly half-written folder.
+    """
+    if not resume:
+        return config.instantiate(cfg_checkpointer, should_load_recipe_state=False)
+    output_dir = Path(cfg_checkpointer.output_dir)
+    state_path = output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
+    if not state_path.exists():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint=True but {state_path} does not exist: no epoch of this run finished "
+            "before the last one (the final epoch saves no recipe state), so there is nothing to resume"
+        )
+    # mmap: only the epoch count is read here, not the (large) optimizer state.
+    epochs_run = torch.load(state_path, mmap=True, weights_only=True, map_location="cpu")[training.EPOCHS_KEY]
+    epoch_dir = output_dir / f"epoch_{epochs_run - 1}"
+    index_path = next(epoch_dir.glob("*.index.json"), None)
+    if index_path is not None:
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in epoch_dir.glob("*.safetensors")) or sorted(p.name for p in epoch_dir.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"resume_from_checkpoint=True but {epoch_dir} holds no model files")
+    log.info("Resuming after epoch %d from %s", epochs_run, epoch_dir)
+    return config.instantiate(
+        cfg_checkpointer,
+        should_load_recipe_state=True,
+        checkpoint_files=[f"{epoch_dir.name}/{name}" for name in files],
+        recipe_checkpoint=None,
+    )

@@ -1,0 +1,188 @@
+"""recipes/rao_distributed.py end to end on the tiny config: it trains, resumes, stops on NaN, saves HF."""
+
+import importlib.util
+import re
+import socket
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+from torchtune import training
+from torchtune.models.llama3 import llama3
+
+from rao_tune.data import collate_reward_batch, reward_dataset
+from rao_tune.losses import RAOLoss
+from rao_tune.training.logprobs import sequence_logps
+
+from conftest import REPO_ROOT
+
+CONFIG = REPO_ROOT / "configs" / "tiny_rao.yaml"
+pytestmark = pytest.mark.slow
+
+
+def load_recipe_module():
+    spec = importlib.util.spec_from_file_location("rao_distributed_recipe", REPO_ROOT / "recipes" / "rao_distributed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(monkeypatch, tiny_assets, output_dir, *overrides, recipe=None):
+    """Run the recipe's main in this process as a one-process group (as `tune run --nproc_per_node 1`)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    args = [f"assets_dir={tiny_assets['out_dir']}", f"output_dir={output_dir}", *overrides]
+    monkeypatch.setattr(sys, "argv", ["rao_distributed", "--config", str(CONFIG), *args])
+    try:
+        (recipe or load_recipe_module()).recipe_main()
+    except SystemExit as done:  # torchtune's config.parse ends with sys.exit(recipe_main(...))
+        assert done.code in (None, 0), done.code
+
+
+def logged_steps(output_dir):
+    """{step: {metric: value}} from the DiskLogger file."""
+    (log_file,) = (output_dir / "logs").glob("log_*.txt")
+    steps = {}
+    for line in log_file.read_text().splitlines():
+        step, _, rest = line.partition(" | ")
+        steps[int(step.split()[1])] = {k: float(v) for k, v in re.findall(r"(\S+):(\S+)", rest)}
+    return steps
+
+
+def load_tune_model(checkpoint_dir, tiny_assets, tmp_path):
+    checkpointer = training.FullModelHFCheckpointer(
+        checkpoint_dir=str(checkpoint_dir),
+        checkpoint_files=sorted(p.name for p in checkpoint_dir.glob("*.safetensors")),
+        model_type="LLAMA3",
+        output_dir=str(tmp_path / "unused"),
+    )
+    model = llama3(**tiny_assets["model_kwargs"])
+    model.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
+    return model.eval()
+
+
+def best_and_worst_logratios(tiny_assets, tokenizer, policy, reference):
+    """Mean log pi/pi_ref over the whole training set of each prompt's highest- and lowest-reward response."""
+    dataset = reward_dataset(tokenizer, source="json", data_files=str(tiny_assets["train_data_path"]), max_seq_len=128)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=partial(collate_reward_batch, pad_id=0))
+    best, worst = [], []
+    with torch.no_grad():
+        for batch in loader:
+            logratio = sequence_logps(policy, batch)[0] - sequence_logps(reference, batch)[0]
+            for prompt in batch["prompt_ids"].unique():
+                members = (batch["prompt_ids"] == prompt).nonzero().squeeze(-1)
+                rewards = batch["rewards"][members]
+                if rewards.max() > rewards.min():
+                    best.append(logratio[members[rewards.argmax()]])
+                    worst.append(logratio[members[rewards.argmin()]])
+    return torch.stack(best).mean().item(), torch.stack(worst).mean().item()
+
+
+def test_one_process_trains_raises_best_responses_and_saves_hf(monkeypatch, tmp_path, tiny_assets, tokenizer):
+    output_dir = tmp_path / "run"
+    run_in_process(monkeypatch, tiny_assets, output_dir)
+
+    steps = logged_steps(output_dir)
+    assert steps[0]["calibrated/z0"] == pytest.approx(RAOLoss(beta=0.1, z0="auto").calibrate(
+        reward_dataset(tokenizer, source="json", data_files=str(tiny_assets["train_data_path"])).all_rewards())["z0"])
+    train_steps = [steps[s] for s in sorted(steps) if s > 0]
+    assert len(train_steps) == 3 * 16  # 64 prompts / batch 4, 3 epochs
+    for key in ("loss", "lr", "tokens_per_second", "implicit_reward", "target_reward", "logratio_best",
+                "logratio_worst", "implicit_accuracy", "grad_norm"):
+        assert key in train_steps[-1], key
+    first_epoch_loss = sum(s["loss"] for s in train_steps[:16]) / 16
+    last_epoch_loss = sum(s["loss"] for s in train_steps[-16:]) / 16
+    assert last_epoch_loss < 0.7 * first_epoch_loss
+
+    # RAO's point: the highest-reward responses gain probability, not only a wider gap.
+    policy = load_tune_model(output_dir / "epoch_2", tiny_assets, tmp_path)
+    reference = load_tune_model(tiny_assets["checkpoint_dir"], tiny_assets, tmp_path)
+    best, worst = best_and_worst_logratios(tiny_assets, tokenizer, policy, reference)
+    assert best > 0.5 and worst < best - 1.0
+
+    # The saved folder is a Hugging Face checkpoint: transformers reads it and gives the same logits.
+    transformers = pytest.importorskip("transformers")
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(output_dir / "epoch_2")).eval()
+    tokens = torch.randint(0, tiny_assets["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, policy(tokens), atol=1e-4, rtol=1e-4)
+
+
+class StopAfterFirstEpoch(Exception):
+    pass
+
+
+def test_resumed_run_reproduces_uninterrupted_run(monkeypatch, tmp_path, tiny_assets):
+    settings = ["epochs=2", "max_steps_per_epoch=5"]
+    run_in_process(monkeypatch, tiny_assets, tmp_path / "full", *settings)
+
+    recipe = load_recipe_module()
+    save = recipe.save_epoch_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise StopAfterFirstEpoch
+
+    monkeypatch.setattr(recipe, "save_epoch_checkpoint", save_then_crash)
+    with pytest.raises(StopAfterFirstEpoch):
+        run_in_process(monkeypatch, tiny_assets, tmp_path / "resumed", *settings, recipe=recipe)
+    assert not (tmp_path / "resumed" / "epoch_1").exists()
+    for log_file in (tmp_path / "resumed" / "logs").glob("*.txt"):
+        log_file.rename(log_file.with_suffix(".first"))
+
+    run_in_process(monkeypatch, tiny_assets, tmp_path / "resumed", *settings, "resume_from_checkpoint=True")
+    full, resumed = logged_steps(tmp_path / "full"), logged_steps(tmp_path / "resumed")
+    assert sorted(s for s in resumed if s > 0) == [6, 7, 8, 9, 10]
+    for step in range(6, 11):
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5, abs=1e-7), step
+        assert resumed[step]["lr"] == pytest.approx(full[step]["lr"])
+    full_weights = load_tune_model(tmp_path / "full" / "epoch_1", tiny_assets, tmp_path).state_dict()
+    resumed_weights = load_tune_model(tmp_path / "resumed" / "epoch_1", tiny_assets, tmp_path).state_dict()
+    for name, value in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(monkeypatch, tmp_path, tiny_assets):
+    calls = {"n": 0}
+    forward = RAOLoss.forward
+
+    def nan_from_the_fourth_step(self, batch):
+        calls["n"] += 1
+        output = forward(self, batch)
+        if calls["n"] >= 4:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(RAOLoss, "forward", nan_from_the_fourth_step)
+    output_dir = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4 \(epoch 2\); no update was applied"):
+        run_in_process(monkeypatch, tiny_assets, output_dir, "epochs=3", "max_steps_per_epoch=3")
+    assert (output_dir / "epoch_0").exists() and not (output_dir / "epoch_1").exists()
+    recipe_state = torch.load(output_dir / "recipe_state" / "recipe_state.pt", weights_only=False)
+    assert recipe_state[training.EPOCHS_KEY] == 1
+    weights = load_tune_model(output_dir / "epoch_0", tiny_assets, tmp_path).state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_two_processes_train_with_gloo(tmp_path, tiny_assets, tokenizer):
+    output_dir = tmp_path / "run2"
+    command = [
+        sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", "2", "recipes/rao_distributed.py",
+        "--config", "configs/tiny_rao.yaml", f"assets_dir={tiny_assets['out_dir']}", f"output_dir={output_dir}",
+        "batch_size=2",
+    ]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 processes" in result.stdout + result.stderr
+    steps = logged_steps(output_dir)
+    assert sorted(s for s in steps if s > 0) == list(range(1, 3 * 16 + 1))  # 64 prompts / (2 ranks x 2)
+    policy = load_tune_model(output_dir / "epoch_2", tiny_assets, tmp_path)
+    reference = load_tune_model(tiny_assets["checkpoint_dir"], tiny_assets, tmp_path)
+    best, worst = best_and_worst_logratios(tiny_assets, tokenizer, policy, reference)
+    assert best > 0.5 and worst < best - 1.0
