@@ -205,6 +205,14 @@ def test_unknown_layout_is_explained(tmp_path, tokenizer):
         reward_dataset(tokenizer, source="json", data_files=path)
 
 
+def test_file_loader_without_files_is_refused(tmp_path, tokenizer, monkeypatch):
+    # datasets would otherwise read any json in the working directory as training data.
+    write_jsonl(tmp_path / "stray.jsonl", [{"prompt": "p", "responses": ["r"], "rewards": [1.0]}])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="set data_files"):
+        reward_dataset(tokenizer, source="json")
+
+
 def test_collate_flattens_uneven_prompts_with_aligned_masks():
     samples = [
         {"prompt_tokens": [5, 6, 7], "response_tokens": [[8, 9], [10]], "rewards": [1.0, 0.0]},

@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 
 from rao_tune.data._rows import LAYOUTS, BadRowError, detect_layout, parse_row
 
+# datasets' packaged loaders that read local files rather than a hub id.
+_FILE_LOADERS = ("json", "csv", "parquet", "arrow", "text")
+
 log = logging.getLogger(__name__)
 
 
@@ -92,6 +95,9 @@ class RewardAnnotatedDataset(Dataset):
         if layout != "auto" and layout not in LAYOUTS:
             raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
         data_files = load_dataset_kwargs.get("data_files")
+        if source in _FILE_LOADERS and not data_files and not load_dataset_kwargs.get("data_dir"):
+            # Without files, datasets' file loaders would read whatever matches in the working directory.
+            raise ValueError(f"dataset source {source!r} reads local files: set data_files (e.g. dataset.data_files=train.jsonl)")
         self.origin = str(data_files) if data_files else source
         raw = load_dataset(source, split=split, **load_dataset_kwargs)
         if column_map:
