@@ -1,7 +1,8 @@
 """recipes/rao_distributed.py end to end on the tiny config: it trains, resumes, stops on NaN, saves HF."""
 
 import importlib.util
-import re
+import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,12 +10,14 @@ from functools import partial
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchtune import training
 from torchtune.models.llama3 import llama3
 
 from rao_tune.data import collate_reward_batch, reward_dataset
 from rao_tune.losses import RAOLoss
 from rao_tune.training.logprobs import sequence_logps
+from rao_tune.training.metrics import read_disk_log
 
 from conftest import REPO_ROOT
 
@@ -46,13 +49,7 @@ def run_in_process(monkeypatch, tiny_assets, output_dir, *overrides, recipe=None
 
 
 def logged_steps(output_dir):
-    """{step: {metric: value}} from the DiskLogger file."""
-    (log_file,) = (output_dir / "logs").glob("log_*.txt")
-    steps = {}
-    for line in log_file.read_text().splitlines():
-        step, _, rest = line.partition(" | ")
-        steps[int(step.split()[1])] = {k: float(v) for k, v in re.findall(r"(\S+):(\S+)", rest)}
-    return steps
+    return read_disk_log(output_dir / "logs")
 
 
 def load_tune_model(checkpoint_dir, tiny_assets, tmp_path):
@@ -186,3 +183,53 @@ def test_two_processes_train_with_gloo(tmp_path, tiny_assets, tokenizer):
     reference = load_tune_model(tiny_assets["checkpoint_dir"], tiny_assets, tmp_path)
     best, worst = best_and_worst_logratios(tiny_assets, tokenizer, policy, reference)
     assert best > 0.5 and worst < best - 1.0
+
+
+def test_llama3_8b_config_runs_two_steps_with_its_tiny_sibling(monkeypatch, tmp_path, tiny_assets):
+    """The paper config as shipped (loss, optimizer, schedule, UltraFeedback-binarized dataset builder), with
+    only the model, tokenizer, checkpoint, data files and device swapped for tiny local ones."""
+    rows = [json.loads(line) for line in tiny_assets["train_data_path"].read_text().splitlines()]
+    uf_rows = []
+    for row in rows[:8]:
+        best = max(range(len(row["rewards"])), key=row["rewards"].__getitem__)
+        other = (best + 1) % len(row["rewards"])
+        turn = lambda text: [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": text}]  # noqa: E731
+        uf_rows.append({"prompt": row["prompt"], "chosen": turn(row["responses"][best]),
+                        "rejected": turn(row["responses"][other]), "score_chosen": 10 * row["rewards"][best],
+                        "score_rejected": 10 * row["rewards"][other]})
+    data_path = tmp_path / "uf.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in uf_rows))
+
+    # The 8B config names its weights by HF's shard format (model-00001-of-00004.safetensors, ...).
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    shutil.copy(tiny_assets["checkpoint_dir"] / "config.json", sft_dir / "config.json")
+    shutil.copy(tiny_assets["checkpoint_dir"] / "model.safetensors", sft_dir / "model-00001-of-00001.safetensors")
+
+    config_8b = REPO_ROOT / "configs" / "llama3_8b_rao.yaml"
+    tiny_cfg = OmegaConf.load(CONFIG)
+    model_overrides = [f"model.{k}={v}" for k, v in tiny_cfg.model.items()]
+    output_dir = tmp_path / "run"
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+    monkeypatch.setattr(sys, "argv", [
+        "rao_distributed", "--config", str(config_8b), f"output_dir={output_dir}",
+        f"sft_dir={sft_dir}", *model_overrides,
+        f"tokenizer.path={tiny_assets['tokenizer_path']}", f"tokenizer.special_tokens_path={tiny_assets['special_tokens_path']}",
+        "checkpointer.checkpoint_files.max_filename=00001", "dataset.source=json", f"dataset.data_files={data_path}",
+        "dataset.split=train", "device=cpu", "dtype=fp32", "optimizer.fused=False", "batch_size=2",
+        "gradient_accumulation_steps=2", "epochs=1",
+    ])
+    try:
+        load_recipe_module().recipe_main()
+    except SystemExit as done:
+        assert done.code in (None, 0)
+    steps = logged_steps(output_dir)
+    assert sorted(steps) == [1, 2]  # 8 prompts / (batch 2 x accumulation 2)
+    assert steps[1]["lr"] == pytest.approx(5e-7 * 1 / 100)  # warm-up step 1 of 100
+    # z0 = 50 against rewards in [0, 10] and beta 0.1: targets r/beta - z0 in [-50, 50], loss = mean (r - 5)^2 at step 1
+    assert steps[1]["implicit_reward"] == pytest.approx(0.1 * 50)
+    assert (output_dir / "epoch_0" / "config.json").exists()

@@ -4,8 +4,10 @@ micro-batches and ranks before being turned into means."""
 from __future__ import annotations
 
 import math
+import re
 import resource
 import sys
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -86,3 +88,20 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     return {"peak_rss": peak_rss / (2**30 if sys.platform == "darwin" else 2**20)}
+
+
+def read_disk_log(log_dir: str | Path) -> dict[int, dict[str, float]]:
+    """``{step: {metric: value}}`` from the files torchtune's ``DiskLogger`` wrote into ``log_dir``.
+
+    A resumed run writes a new ``log_<unix time>.txt``; files are read oldest first, so a step logged twice keeps
+    its latest value.
+    """
+    log_files = sorted(Path(log_dir).glob("log_*.txt"), key=lambda path: int(path.stem.split("_")[1]))
+    if not log_files:
+        raise FileNotFoundError(f"no DiskLogger file (log_*.txt) in {log_dir}")
+    steps: dict[int, dict[str, float]] = {}
+    for log_file in log_files:
+        for line in log_file.read_text().splitlines():
+            step, _, rest = line.partition(" | ")
+            steps[int(step.split()[1])] = {key: float(value) for key, value in re.findall(r"(\S+):(\S+)", rest)}
+    return steps
