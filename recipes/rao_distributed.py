@@ -13,64 +13,28 @@ from __future__ import annotations
 
 import sys
 import time
-from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, DistributedSampler
 from torchtune import config, training, utils
-from tqdm import tqdm
 
-from rao_tune.data import collate_reward_batch
 from rao_tune.losses import LossOutput, PreferenceLoss, ResponseLogProbs
-from rao_tune.training.checkpoint import check_resume_state, instantiate_checkpointer, save_epoch_checkpoint
-from rao_tune.training.distributed import all_reduce_sum, init_distributed
+from rao_tune.training.checkpoint import instantiate_checkpointer
+from rao_tune.training.distributed import all_reduce_sum
 from rao_tune.training.logprobs import sequence_logps
-from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, memory_stats, preference_statistics
+from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, preference_statistics
 from rao_tune.training.model import setup_fsdp_model
+from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
 
 log = utils.get_logger("INFO")
 
 
-class RAORecipeDistributed:
-    def __init__(self, cfg: DictConfig) -> None:
-        self._device = utils.get_device(device=cfg.device)
-        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
-        self.world_size, self.rank = init_distributed(self._device)
-        self._is_rank_zero = self.rank == 0
-
-        self.seed = training.set_seed(seed=cfg.seed)
-        self.total_epochs = cfg.epochs
-        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
-        self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
-        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
-        self._resume_from_checkpoint = cfg.resume_from_checkpoint
-        self.epochs_run = 0
-        self.global_step = 0
-
+class RAORecipeDistributed(DistributedRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
-        if self._is_rank_zero:
-            self._metric_logger = config.instantiate(cfg.metric_logger)
-            self._metric_logger.log_config(cfg)
-
-        self._checkpointer = instantiate_checkpointer(cfg.checkpointer, resume=self._resume_from_checkpoint)
-        checkpoint = self._checkpointer.load_checkpoint()
-        if self._resume_from_checkpoint:
-            self.epochs_run = check_resume_state(
-                checkpoint, seed=self.seed, total_epochs=self.total_epochs, max_steps_per_epoch=self.max_steps_per_epoch
-            )
-
-        model_options = dict(
-            device=self._device,
-            dtype=self._dtype,
-            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
-            cpu_offload=cfg.get("fsdp_cpu_offload", False),
-            custom_sharded_layers=cfg.get("custom_sharded_layers", None),
-        )
+        checkpoint = self.setup_logger_and_checkpoint(cfg)
+        model_options = self.model_options(cfg)
         self._model = setup_fsdp_model(
             cfg.model,
             checkpoint[training.MODEL_KEY],
@@ -95,37 +59,7 @@ class RAORecipeDistributed:
             if self._is_rank_zero:
                 self._metric_logger.log(f"calibrated/{name}", value, step=0)
 
-        self._sampler = DistributedSampler(
-            self._dataset, num_replicas=self.world_size, rank=self.rank, shuffle=cfg.shuffle, seed=self.seed
-        )
-        self._dataloader = DataLoader(
-            self._dataset,
-            batch_size=cfg.batch_size,
-            sampler=self._sampler,
-            drop_last=True,  # every rank and micro-batch holds batch_size prompts: means of means stay exact
-            collate_fn=partial(collate_reward_batch, pad_id=self._tokenizer.pad_id),
-        )
-        self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
-        if self.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
-        if self._steps_per_epoch == 0:
-            raise ValueError(
-                f"an epoch has no optimizer step: {len(self._dataset)} prompts, batch_size={cfg.batch_size}, "
-                f"{self.world_size} processes, gradient_accumulation_steps={self._gradient_accumulation_steps}"
-            )
-        self.global_step = self.epochs_run * self._steps_per_epoch
-
-        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
-        if self._resume_from_checkpoint:
-            training.load_from_full_optimizer_state_dict(
-                self._model, self._optimizer, checkpoint[training.OPT_KEY], self._device
-            )
-        self._lr_scheduler = config.instantiate(
-            cfg.lr_scheduler,
-            self._optimizer,
-            num_training_steps=self.total_epochs * self._steps_per_epoch,
-            last_epoch=self.global_step - 1,
-        )
+        self.setup_data_and_optimizer(cfg, self._model, checkpoint)
         utils.log_rank_zero(
             log,
             f"{len(self._dataset)} prompts, {self._steps_per_epoch} steps per epoch, {self.world_size} processes, "
@@ -165,14 +99,10 @@ class RAORecipeDistributed:
     def train(self) -> None:
         self._optimizer.zero_grad()
         for epoch in range(self.epochs_run, self.total_epochs):
-            self._sampler.set_epoch(epoch)  # a different, reproducible shuffle each epoch
-            progress = tqdm(total=self._steps_per_epoch, disable=not self._is_rank_zero, desc=f"epoch {epoch + 1}")
+            progress = self.progress_bar(epoch)
             step_sums: dict[str, float] = {}
             step_start = time.perf_counter()
-            for micro_step, batch in enumerate(self._dataloader):
-                if micro_step // self._gradient_accumulation_steps >= self._steps_per_epoch:
-                    break
-                batch = {key: value.to(self._device) for key, value in batch.items()}
+            for micro_step, batch in self.micro_batches(epoch):
                 output, logps = self._loss_step(batch)
                 (output.loss / self._gradient_accumulation_steps).backward()
 
@@ -187,85 +117,27 @@ class RAORecipeDistributed:
                         **preference_statistics(output.implicit_rewards, log_ratios, logps.rewards, logps.prompt_ids),
                     },
                 )
-                if (micro_step + 1) % self._gradient_accumulation_steps != 0:
+                if not self.closes_step(micro_step):
                     continue
 
                 totals = all_reduce_sum(step_sums, self._device)
                 loss = totals["loss"] / (self._gradient_accumulation_steps * self.world_size)
-                grad_norm = None
-                if self._clip_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), float(self._clip_grad_norm))
-                    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                self._stop_if_not_finite(loss, grad_norm, epoch)
-                self._optimizer.step()
-                self._optimizer.zero_grad(set_to_none=True)
-                self._lr_scheduler.step()
-                self.global_step += 1
-
-                if self._is_rank_zero and self.global_step % self._log_every_n_steps == 0:
-                    elapsed = time.perf_counter() - step_start
-                    metrics = {
-                        "loss": loss,
-                        "lr": training.get_lr(self._optimizer),
-                        "tokens_per_second": totals["tokens"] / elapsed,
-                        "step_time": elapsed,
-                        **finalize_preference_metrics(totals),
-                        **memory_stats(self._device),
-                    }
-                    if grad_norm is not None:
-                        metrics["grad_norm"] = float(grad_norm)
-                    self._metric_logger.log_dict(metrics, step=self.global_step)
+                grad_norm = self.optimizer_step(self._model, loss, epoch)
+                elapsed = time.perf_counter() - step_start
+                metrics = {"loss": loss, **finalize_preference_metrics(totals)}
+                self.log_step(metrics, tokens=totals["tokens"], elapsed=elapsed, grad_norm=grad_norm)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4g}")
                 step_sums = {}
                 step_start = time.perf_counter()
             progress.close()
 
-            self.epochs_run += 1
-            save_epoch_checkpoint(
-                self._checkpointer,
-                self._model,
-                self._optimizer,
-                epoch=epoch,
-                total_epochs=self.total_epochs,
-                recipe_state={
-                    training.SEED_KEY: self.seed,
-                    training.EPOCHS_KEY: self.epochs_run,
-                    training.TOTAL_EPOCHS_KEY: self.total_epochs,
-                    training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-                },
-                device=self._device,
-                is_rank_zero=self._is_rank_zero,
-            )
-
-    def _stop_if_not_finite(self, loss: float, grad_norm: torch.Tensor | None, epoch: int) -> None:
-        """Stop before a non-finite update reaches the weights; the last saved epoch stays intact.
-        ``loss`` is already summed over ranks, so every rank takes the same decision."""
-        bad_grad = grad_norm is not None and not torch.isfinite(grad_norm).item()
-        if torch.isfinite(torch.tensor(loss)) and not bad_grad:
-            return
-        what = f"loss is {loss}" if not torch.isfinite(torch.tensor(loss)) else f"gradient norm is {float(grad_norm)}"
-        raise FloatingPointError(
-            f"Stopping: the {what} at step {self.global_step + 1} (epoch {epoch + 1}); no update was applied. "
-            f"The last good checkpoint is the latest epoch_* folder in the output_dir (if any epoch finished). "
-            "Lower the learning rate, check the rewards' scale against beta and z0, or use dtype=fp32."
-        )
-
-    def cleanup(self) -> None:
-        if self._is_rank_zero:
-            self._metric_logger.close()
-        dist.destroy_process_group()
+            self.save_checkpoint(self._model, epoch)
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    recipe = RAORecipeDistributed(cfg=cfg)
-    config.log_config(recipe_name="RAORecipeDistributed", cfg=cfg)
-    try:
-        recipe.setup(cfg=cfg)
-        recipe.train()
-    finally:
-        recipe.cleanup()
+    run_recipe(RAORecipeDistributed, cfg)
 
 
 if __name__ == "__main__":

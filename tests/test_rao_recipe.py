@@ -1,16 +1,11 @@
 """recipes/rao_distributed.py end to end on the tiny config: it trains, resumes, stops on NaN, saves HF."""
 
-import importlib.util
-import json
-import shutil
-import socket
 import subprocess
 import sys
 from functools import partial
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torchtune import training
 from torchtune.models.llama3 import llama3
 
@@ -20,32 +15,25 @@ from rao_tune.training.logprobs import sequence_logps
 from rao_tune.training.metrics import read_disk_log
 
 from conftest import REPO_ROOT
+from recipe_runner import (
+    StopAfterFirstEpoch,
+    crash_after_first_checkpoint,
+    load_recipe,
+    paper_config_on_tiny_assets,
+    run_recipe_in_process,
+)
 
 CONFIG = REPO_ROOT / "configs" / "tiny_rao.yaml"
 pytestmark = pytest.mark.slow
 
 
 def load_recipe_module():
-    spec = importlib.util.spec_from_file_location("rao_distributed_recipe", REPO_ROOT / "recipes" / "rao_distributed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("rao_distributed")
 
 
 def run_in_process(monkeypatch, tiny_assets, output_dir, *overrides, recipe=None):
-    """Run the recipe's main in this process as a one-process group (as `tune run --nproc_per_node 1`)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(key, value)
     args = [f"assets_dir={tiny_assets['out_dir']}", f"output_dir={output_dir}", *overrides]
-    monkeypatch.setattr(sys, "argv", ["rao_distributed", "--config", str(CONFIG), *args])
-    try:
-        (recipe or load_recipe_module()).recipe_main()
-    except SystemExit as done:  # torchtune's config.parse ends with sys.exit(recipe_main(...))
-        assert done.code in (None, 0), done.code
+    run_recipe_in_process(monkeypatch, recipe or load_recipe_module(), CONFIG, *args)
 
 
 def logged_steps(output_dir):
@@ -111,22 +99,12 @@ def test_one_process_trains_raises_best_responses_and_saves_hf(monkeypatch, tmp_
         torch.testing.assert_close(hf_model(tokens).logits, policy(tokens), atol=1e-4, rtol=1e-4)
 
 
-class StopAfterFirstEpoch(Exception):
-    pass
-
-
 def test_resumed_run_reproduces_uninterrupted_run(monkeypatch, tmp_path, tiny_assets):
     settings = ["epochs=2", "max_steps_per_epoch=5"]
     run_in_process(monkeypatch, tiny_assets, tmp_path / "full", *settings)
 
     recipe = load_recipe_module()
-    save = recipe.save_epoch_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        save(*args, **kwargs)
-        raise StopAfterFirstEpoch
-
-    monkeypatch.setattr(recipe, "save_epoch_checkpoint", save_then_crash)
+    crash_after_first_checkpoint(monkeypatch, recipe.RAORecipeDistributed)
     with pytest.raises(StopAfterFirstEpoch):
         run_in_process(monkeypatch, tiny_assets, tmp_path / "resumed", *settings, recipe=recipe)
     assert not (tmp_path / "resumed" / "epoch_1").exists()
@@ -188,45 +166,12 @@ def test_two_processes_train_with_gloo(tmp_path, tiny_assets, tokenizer):
 def test_llama3_8b_config_runs_two_steps_with_its_tiny_sibling(monkeypatch, tmp_path, tiny_assets):
     """The paper config as shipped (loss, optimizer, schedule, UltraFeedback-binarized dataset builder), with
     only the model, tokenizer, checkpoint, data files and device swapped for tiny local ones."""
-    rows = [json.loads(line) for line in tiny_assets["train_data_path"].read_text().splitlines()]
-    uf_rows = []
-    for row in rows[:8]:
-        best = max(range(len(row["rewards"])), key=row["rewards"].__getitem__)
-        other = (best + 1) % len(row["rewards"])
-        turn = lambda text: [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": text}]  # noqa: E731
-        uf_rows.append({"prompt": row["prompt"], "chosen": turn(row["responses"][best]),
-                        "rejected": turn(row["responses"][other]), "score_chosen": 10 * row["rewards"][best],
-                        "score_rejected": 10 * row["rewards"][other]})
-    data_path = tmp_path / "uf.jsonl"
-    data_path.write_text("".join(json.dumps(r) + "\n" for r in uf_rows))
-
-    # The 8B config names its weights by HF's shard format (model-00001-of-00004.safetensors, ...).
-    sft_dir = tmp_path / "sft"
-    sft_dir.mkdir()
-    shutil.copy(tiny_assets["checkpoint_dir"] / "config.json", sft_dir / "config.json")
-    shutil.copy(tiny_assets["checkpoint_dir"] / "model.safetensors", sft_dir / "model-00001-of-00001.safetensors")
-
-    config_8b = REPO_ROOT / "configs" / "llama3_8b_rao.yaml"
-    tiny_cfg = OmegaConf.load(CONFIG)
-    model_overrides = [f"model.{k}={v}" for k, v in tiny_cfg.model.items()]
     output_dir = tmp_path / "run"
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(key, value)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
-    monkeypatch.setattr(sys, "argv", [
-        "rao_distributed", "--config", str(config_8b), f"output_dir={output_dir}",
-        f"sft_dir={sft_dir}", *model_overrides,
-        f"tokenizer.path={tiny_assets['tokenizer_path']}", f"tokenizer.special_tokens_path={tiny_assets['special_tokens_path']}",
-        "checkpointer.checkpoint_files.max_filename=00001", "dataset.source=json", f"dataset.data_files={data_path}",
-        "dataset.split=train", "device=cpu", "dtype=fp32", "optimizer.fused=False", "batch_size=2",
-        "gradient_accumulation_steps=2", "epochs=1",
-    ])
-    try:
-        load_recipe_module().recipe_main()
-    except SystemExit as done:
-        assert done.code in (None, 0)
+    run_recipe_in_process(
+        monkeypatch, load_recipe_module(), REPO_ROOT / "configs" / "llama3_8b_rao.yaml", f"output_dir={output_dir}",
+        *paper_config_on_tiny_assets(tiny_assets, tmp_path, CONFIG), "batch_size=2", "gradient_accumulation_steps=2",
+        "epochs=1",
+    )
     steps = logged_steps(output_dir)
     assert sorted(steps) == [1, 2]  # 8 prompts / (batch 2 x accumulation 2)
     assert steps[1]["lr"] == pytest.approx(5e-7 * 1 / 100)  # warm-up step 1 of 100

@@ -93,8 +93,8 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 def read_disk_log(log_dir: str | Path) -> dict[int, dict[str, float]]:
     """``{step: {metric: value}}`` from the files torchtune's ``DiskLogger`` wrote into ``log_dir``.
 
-    A resumed run writes a new ``log_<unix time>.txt``; files are read oldest first, so a step logged twice keeps
-    its latest value.
+    Lines of the same step (e.g. training metrics, then held-out ones) merge. A resumed run writes a new
+    ``log_<unix time>.txt``; files are read oldest first, so a metric logged twice keeps its latest value.
     """
     log_files = sorted(Path(log_dir).glob("log_*.txt"), key=lambda path: int(path.stem.split("_")[1]))
     if not log_files:
@@ -103,5 +103,6 @@ def read_disk_log(log_dir: str | Path) -> dict[int, dict[str, float]]:
     for log_file in log_files:
         for line in log_file.read_text().splitlines():
             step, _, rest = line.partition(" | ")
-            steps[int(step.split()[1])] = {key: float(value) for key, value in re.findall(r"(\S+):(\S+)", rest)}
+            metrics = {key: float(value) for key, value in re.findall(r"(\S+):(\S+)", rest)}
+            steps.setdefault(int(step.split()[1]), {}).update(metrics)
     return steps

@@ -1,0 +1,79 @@
+"""Run a recipe file's ``recipe_main`` inside the test process, as ``tune run --nproc_per_node 1`` would."""
+
+import importlib.util
+import json
+import shutil
+import socket
+import sys
+
+from omegaconf import OmegaConf
+
+from conftest import REPO_ROOT
+
+
+def load_recipe(name: str):
+    """A fresh module object for ``recipes/<name>.py`` (so a test may monkeypatch it)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", REPO_ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_recipe_in_process(monkeypatch, recipe, config_path, *overrides):
+    """A one-process group on a free port, the config and ``key=value`` overrides on the command line."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", ["recipe", "--config", str(config_path), *overrides])
+    try:
+        recipe.recipe_main()
+    except SystemExit as done:  # torchtune's config.parse ends with sys.exit(recipe_main(...))
+        assert done.code in (None, 0), done.code
+
+
+class StopAfterFirstEpoch(Exception):
+    """Raised by a recipe patched with :func:`crash_after_first_checkpoint`."""
+
+
+def crash_after_first_checkpoint(monkeypatch, recipe_class):
+    """Make ``recipe_class`` stop like a killed job right after writing its first epoch checkpoint."""
+    save = recipe_class.save_checkpoint
+
+    def save_then_crash(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise StopAfterFirstEpoch
+
+    monkeypatch.setattr(recipe_class, "save_checkpoint", save_then_crash)
+
+
+def paper_config_on_tiny_assets(tiny_assets, tmp_path, tiny_config, num_prompts=8):
+    """Overrides that run a shipped paper config (UltraFeedback-binarized data, HF-sharded SFT checkpoint in
+    ``sft_dir``, cuda, bf16) on the tiny assets: only the model sizes (from ``tiny_config``), tokenizer, weights,
+    data files and device change. The data: ``num_prompts`` tiny rows as chosen/rejected pairs, scores x10."""
+    rows = [json.loads(line) for line in tiny_assets["train_data_path"].read_text().splitlines()]
+    uf_rows = []
+    for row in rows[:num_prompts]:
+        best = max(range(len(row["rewards"])), key=row["rewards"].__getitem__)
+        other = (best + 1) % len(row["rewards"])
+        turns = [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["responses"][i]}]
+                 for i in (best, other)]
+        uf_rows.append({"prompt": row["prompt"], "chosen": turns[0], "rejected": turns[1],
+                        "score_chosen": 10 * row["rewards"][best], "score_rejected": 10 * row["rewards"][other]})
+    data_path = tmp_path / "uf.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in uf_rows))
+
+    # The paper configs name their weights by HF's shard format (model-00001-of-00004.safetensors, ...).
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    shutil.copy(tiny_assets["checkpoint_dir"] / "config.json", sft_dir / "config.json")
+    shutil.copy(tiny_assets["checkpoint_dir"] / "model.safetensors", sft_dir / "model-00001-of-00001.safetensors")
+    model_overrides = [f"model.{key}={value}" for key, value in OmegaConf.load(tiny_config).model.items()]
+    return [
+        f"sft_dir={sft_dir}", *model_overrides, f"tokenizer.path={tiny_assets['tokenizer_path']}",
+        f"tokenizer.special_tokens_path={tiny_assets['special_tokens_path']}",
+        "checkpointer.checkpoint_files.max_filename=00001", "dataset.source=json", f"dataset.data_files={data_path}",
+        "dataset.split=train", "device=cpu", "dtype=fp32", "optimizer.fused=False",
+    ]
