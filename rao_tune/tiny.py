@@ -18,6 +18,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama3 import llama3
 from torchtune.models.llama3._tokenizer import CL100K_PATTERN
+from torchtune.models.qwen2 import qwen2
+from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
 # The special tokens torchtune's Llama3Tokenizer looks up, in Llama 3's order. Their ids start at
 # ``base_vocab_size`` whatever the corpus, so configs can rely on them.
@@ -137,6 +139,30 @@ def build_tokenizer(out_dir: Path, corpus: list[str], base_vocab_size: int = 512
     }
 
 
+def _hf_config(model_kwargs: dict[str, Any], **family_fields: Any) -> dict[str, Any]:
+    """``config.json`` of a torchtune decoder built from ``model_kwargs``: the shared shape fields, then the
+    family's own (architectures, model_type, ...)."""
+    return {
+        "hidden_size": model_kwargs["embed_dim"],
+        "intermediate_size": model_kwargs["intermediate_dim"],
+        "num_hidden_layers": model_kwargs["num_layers"],
+        "num_attention_heads": model_kwargs["num_heads"],
+        "num_key_value_heads": model_kwargs["num_kv_heads"],
+        "vocab_size": model_kwargs["vocab_size"],
+        "max_position_embeddings": model_kwargs["max_seq_len"],
+        "rope_theta": model_kwargs["rope_base"],
+        "rms_norm_eps": model_kwargs["norm_eps"],
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        **family_fields,
+    }
+
+
+def _save_hf_weights(out_dir: Path, hf_state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    save_file({name: tensor.contiguous() for name, tensor in hf_state_dict.items()}, str(out_dir / CHECKPOINT_FILE))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def build_llama3_checkpoint(
     out_dir: Path,
     vocab_size: int,
@@ -180,32 +206,73 @@ def build_llama3_checkpoint(
         torch.manual_seed(seed)
         model = llama3(**model_kwargs).to(torch.float32)
     hf_state_dict = tune_to_hf(model.state_dict(), num_heads=num_heads, num_kv_heads=num_kv_heads, dim=embed_dim)
-    save_file({name: tensor.contiguous() for name, tensor in hf_state_dict.items()}, str(out_dir / CHECKPOINT_FILE))
-
-    config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": embed_dim,
-        "intermediate_size": intermediate_dim,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": embed_dim // num_heads,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": max_seq_len,
-        "rope_theta": rope_base,
-        "rms_norm_eps": norm_eps,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-    }
+    config = _hf_config(
+        model_kwargs,
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        head_dim=embed_dim // num_heads,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+    )
     if bos_token_id is not None:
         config["bos_token_id"] = bos_token_id
     if eos_token_id is not None:
         config["eos_token_id"] = eos_token_id
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _save_hf_weights(out_dir, hf_state_dict, config)
+    return model_kwargs
+
+
+def build_qwen2_checkpoint(
+    out_dir: Path,
+    vocab_size: int,
+    *,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    embed_dim: int = 64,
+    intermediate_dim: int = 128,
+    max_seq_len: int = 256,
+    rope_base: float = 1_000_000.0,
+    norm_eps: float = 1e-6,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write a random tiny Qwen2 / Qwen2.5 (q/k/v biases, optionally tied embeddings) as an HF checkpoint that
+    ``transformers.Qwen2ForCausalLM`` and torchtune's ``model_type=QWEN2`` read. Returns the
+    ``torchtune.models.qwen2.qwen2`` kwargs that rebuild it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_kwargs: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "embed_dim": embed_dim,
+        "intermediate_dim": intermediate_dim,
+        "max_seq_len": max_seq_len,
+        "rope_base": rope_base,
+        "norm_eps": norm_eps,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = qwen2(**model_kwargs).to(torch.float32)
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):  # torchtune zero-initialises biases; random ones test their mapping
+                torch.nn.init.normal_(param, std=0.1)
+    hf_state_dict = qwen2_tune_to_hf(
+        model.state_dict(), num_heads=num_heads, num_kv_heads=num_kv_heads, dim=embed_dim,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    config = _hf_config(
+        model_kwargs,
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        tie_word_embeddings=tie_word_embeddings,
+        use_sliding_window=False,
+    )
+    _save_hf_weights(out_dir, hf_state_dict, config)
     return model_kwargs
 
 
@@ -298,10 +365,34 @@ def build_reward_data(
     out_path: Path, *, num_prompts: int = 64, responses_per_prompt: tuple[int, int] = (2, 4), seed: int = 0
 ) -> None:
     """Write ``reward_rows(...)`` as JSON lines to ``out_path``."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = reward_rows(num_prompts, responses_per_prompt, seed)
-    out_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _write_jsonl(Path(out_path), reward_rows(num_prompts, responses_per_prompt, seed))
+
+
+MARKER_WORD = "moon"
+
+
+def marker_preference_rows(num_prompts: int, seed: int = 0, marker: str = MARKER_WORD) -> list[dict[str, Any]]:
+    """A preference set a tiny reward model can learn: per prompt two answers with random mistakes, the
+    preferred one (reward 1) carries ``marker`` at a random position and the other (reward 0) never does.
+    The order of the two responses is random, so position gives nothing away."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_prompts):
+        prompt, target, extra_item = rng.choice(_TASKS)(rng)
+        plain = [_corrupt(rng, target, rng.randint(0, 2), extra_item) for _ in range(2)]
+        plain = [[word if word != marker else "sun" for word in answer] for answer in plain]
+        marked = list(plain[0])
+        marked.insert(rng.randint(0, len(marked)), marker)
+        responses, rewards = [" ".join(marked), " ".join(plain[1])], [1.0, 0.0]
+        if rng.random() < 0.5:
+            responses, rewards = responses[::-1], rewards[::-1]
+        rows.append({"prompt": prompt, "responses": responses, "rewards": rewards})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def tiny_corpus(seed: int = 0) -> list[str]:
@@ -332,6 +423,11 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
     )
     train_data_path = out_dir / "data" / "train.jsonl"
     build_reward_data(train_data_path, num_prompts=64, seed=seed)
+    # Reward-model data: a learnable preference (the marker word), with a held-out split from another seed.
+    preference_train_path = out_dir / "data" / "preference_train.jsonl"
+    preference_heldout_path = out_dir / "data" / "preference_heldout.jsonl"
+    _write_jsonl(preference_train_path, marker_preference_rows(256, seed=seed + 1))
+    _write_jsonl(preference_heldout_path, marker_preference_rows(64, seed=seed + 2))
     return {
         "out_dir": out_dir,
         "tokenizer_path": tokenizer["tokenizer_path"],
@@ -339,6 +435,8 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
         "checkpoint_dir": checkpoint_dir,
         "checkpoint_files": [CHECKPOINT_FILE],
         "train_data_path": train_data_path,
+        "preference_train_path": preference_train_path,
+        "preference_heldout_path": preference_heldout_path,
         "vocab_size": tokenizer["vocab_size"],
         "special_tokens": special_tokens,
         "model_kwargs": model_kwargs,

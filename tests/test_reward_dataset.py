@@ -225,4 +225,5 @@ def test_collate_flattens_uneven_prompts_with_aligned_masks():
     assert batch["response_mask"].int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 0, 0], [0, 1, 1, 1, 0]]
     assert batch["prompt_ids"].tolist() == [0, 0, 1]
     assert batch["response_lengths"].tolist() == [2, 1, 3]
+    assert batch["sequence_lengths"].tolist() == [5, 4, 5]
     assert batch["rewards"].tolist() == [1.0, 0.0, 0.5]

@@ -15,7 +15,8 @@ def collate_reward_batch(samples: Sequence[dict], pad_id: int = 0) -> dict[str, 
         prompt_mask [N, S]: True at position i when token i+1 is a prompt token after t0, so that
             summing next-token log-probs over it gives log pi(x - t0 | t0).
         response_mask [N, S]: True at position i when token i+1 is a response token: log pi(y | x).
-        rewards [N] (fp32), prompt_ids [N] (which of the B prompts), response_lengths [N].
+        rewards [N] (fp32), prompt_ids [N] (which of the B prompts), response_lengths [N],
+        sequence_lengths [N] (prompt + response, where a reward model reads its score).
     """
     sequences, prompt_lengths, response_lengths, rewards, prompt_ids = [], [], [], [], []
     for prompt_index, sample in enumerate(samples):
@@ -45,4 +46,5 @@ def collate_reward_batch(samples: Sequence[dict], pad_id: int = 0) -> dict[str, 
         "rewards": torch.tensor(rewards, dtype=torch.float32),
         "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),
         "response_lengths": torch.tensor(response_lengths, dtype=torch.long),
+        "sequence_lengths": torch.tensor([len(seq) for seq in sequences], dtype=torch.long),
     }

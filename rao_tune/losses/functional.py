@@ -67,3 +67,15 @@ def rao_loss(
     )
     squared_error = (rewards - implicit_rewards) ** 2
     return per_prompt_mean(squared_error, prompt_ids).mean()
+
+
+def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
+    """Bradley-Terry reward-model loss (RAO paper Eq. 2; Ouyang et al. 2022): ``mean(-log sigmoid(r_w - r_l))``
+    over pairs, where ``r_w`` / ``r_l`` are the scalar scores of the preferred / dispreferred response.
+    ``logsigmoid`` keeps large negative margins finite."""
+    return -torch.nn.functional.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def pairwise_accuracy(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
+    """Fraction of pairs the scores order correctly; a tie counts as wrong."""
+    return (chosen_scores > rejected_scores).float().mean()

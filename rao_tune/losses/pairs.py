@@ -1,0 +1,53 @@
+"""Preference pairs from prompts with any number of scored responses.
+
+A pair ``(chosen, rejected)`` indexes two responses of the same prompt with ``reward[chosen] > reward[rejected]``;
+responses with equal rewards are never paired, and a prompt whose responses all tie gives no pair.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+PAIR_RULES = ("best_vs_others", "all_ordered", "best_vs_worst", "best_vs_random")
+
+
+def preference_pairs(
+    rewards: Tensor, prompt_ids: Tensor, rule: str = "best_vs_others", generator: Optional[torch.Generator] = None
+) -> tuple[Tensor, Tensor]:
+    """Return ``(chosen_index, rejected_index)``, two ``[P]`` long tensors into the flat batch.
+
+    Rules, per prompt (best = highest reward, the first one on a tie):
+        best_vs_others: best against every response with a lower reward (a chosen/rejected row gives its pair).
+        all_ordered: every ordered pair with distinct rewards, k(k-1)/2 for k distinct rewards.
+        best_vs_worst: best against the lowest reward.
+        best_vs_random: best against one lower-reward response drawn with ``generator`` (UltraFeedback's
+            binarisation rule, as in the RAO paper and Zephyr).
+    """
+    if rule not in PAIR_RULES:
+        raise ValueError(f"pair rule must be one of {PAIR_RULES}, got {rule!r}")
+    chosen, rejected = [], []
+    for prompt_id in torch.unique(prompt_ids, sorted=True):
+        members = (prompt_ids == prompt_id).nonzero().squeeze(-1).tolist()
+        member_rewards = rewards[members].tolist()
+        if rule == "all_ordered":
+            for i, r_i in zip(members, member_rewards):
+                for j, r_j in zip(members, member_rewards):
+                    if r_i > r_j:
+                        chosen.append(i)
+                        rejected.append(j)
+            continue
+        best_position = max(range(len(members)), key=member_rewards.__getitem__)
+        best_reward = member_rewards[best_position]
+        lower = [m for m, r in zip(members, member_rewards) if r < best_reward]
+        if not lower:
+            continue
+        if rule == "best_vs_worst":
+            lower = [members[min(range(len(members)), key=member_rewards.__getitem__)]]
+        elif rule == "best_vs_random":
+            lower = [lower[int(torch.randint(len(lower), (1,), generator=generator))]]
+        chosen.extend([members[best_position]] * len(lower))
+        rejected.extend(lower)
+    return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)

@@ -1,0 +1,58 @@
+"""Scalar reward models from any torchtune decoder builder: the decoder with a one-output head.
+
+torchtune 0.6.1 has classifier builders for llama2 and mistral only; this one wraps any decoder builder
+(llama3, qwen2.5, EuroLLM, ...), so a reward model always matches the architecture of its policy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Callable, Union
+
+import torch
+from torch import Tensor, nn
+
+
+def _resolve(builder: Union[str, Callable[..., nn.Module]]) -> Callable[..., nn.Module]:
+    if callable(builder):
+        return builder
+    module_path, _, name = builder.rpartition(".")
+    if not module_path:
+        raise ValueError(f"decoder must be a dotted path such as torchtune.models.llama3.llama3_8b, got {builder!r}")
+    return getattr(importlib.import_module(module_path), name)
+
+
+def reward_model(decoder: Union[str, Callable[..., nn.Module]], **decoder_kwargs: Any) -> nn.Module:
+    """``decoder(**decoder_kwargs)`` with its vocabulary projection replaced by ``nn.Linear(embed_dim, 1)``
+    (no bias, as HF's ``*ForSequenceClassification.score``). The model returns ``[batch, seq, 1]``; read the
+    reward at each sequence's last token with :func:`last_token_scores`.
+
+    YAML::
+
+        model:
+          _component_: rao_tune.models.reward_model
+          decoder: torchtune.models.llama3.llama3_8b
+    """
+    model = _resolve(decoder)(**decoder_kwargs)
+    embed_dim = model.tok_embeddings.embedding_dim
+    # Tied decoders (small Qwen2.5) project through the embedding; the score head is a separate, untied weight.
+    model.output = nn.Linear(embed_dim, 1, bias=False)
+    return model
+
+
+def init_score_head(hidden_size: int, seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A fresh score head ``[1, hidden_size]`` drawn from N(0, 1/(hidden_size + 1)) with its own generator,
+    so the same seed gives the same head whatever else consumed the global RNG."""
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.randn(1, hidden_size, generator=generator, dtype=torch.float32) / math.sqrt(hidden_size + 1)
+    return head.to(dtype)
+
+
+def last_token_scores(outputs: Tensor, sequence_lengths: Tensor) -> Tensor:
+    """The reward of each right-padded sequence: the head's output at its last real token. ``outputs`` is
+    ``[N, S, 1]`` (or a list of sequence chunks), ``sequence_lengths`` is ``[N]``; returns fp32 ``[N]``."""
+    if isinstance(outputs, list):
+        outputs = torch.cat(outputs, dim=1)
+    last = (sequence_lengths - 1).to(outputs.device)
+    return outputs[torch.arange(outputs.shape[0], device=outputs.device), last, 0].float()
