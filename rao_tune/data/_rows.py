@@ -15,7 +15,7 @@ Every problem raises :class:`BadRowError` naming the field, so the caller can ad
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from torchtune.data import Message
 
@@ -31,36 +31,46 @@ class BadRowError(ValueError):
         self.reason = reason
 
 
-def detect_layout(column_names: Sequence[str]) -> str:
-    """Pick the layout from the dataset's columns."""
+def detect_layout(column_names: Sequence[str], *, require_rewards: bool = True) -> str:
+    """Pick the layout from the dataset's columns; without ``require_rewards`` (rows to be scored) the reward
+    columns need not exist."""
     columns = set(column_names)
-    if {"prompt", "responses", "rewards"} <= columns:
+    native, binarized = {"prompt", "responses"}, {"chosen", "rejected"}
+    if require_rewards:
+        native, binarized = native | {"rewards"}, binarized | {"score_chosen", "score_rejected"}
+    if native <= columns:
         return "native"
-    if {"chosen", "rejected", "score_chosen", "score_rejected"} <= columns:
+    if binarized <= columns:
         return "ultrafeedback_binarized"
     if {"instruction", "completions"} <= columns:
         return "ultrafeedback"
     raise ValueError(
         f"cannot tell the dataset layout from its columns {sorted(columns)}; expected one of: "
-        "native (prompt, responses, rewards), ultrafeedback_binarized (chosen, rejected, score_chosen, "
-        "score_rejected) or ultrafeedback (instruction, completions); or set layout= explicitly"
+        f"native ({', '.join(sorted(native))}), ultrafeedback_binarized ({', '.join(sorted(binarized))}) "
+        "or ultrafeedback (instruction, completions); or set layout= explicitly"
     )
 
 
 def parse_row(
-    row: Mapping[str, Any], layout: str, *, score_field: str = "overall_score"
-) -> tuple[list[Message], list[str], list[float]]:
-    """Return the prompt as messages (all masked), the response texts and their rewards."""
+    row: Mapping[str, Any], layout: str, *, score_field: str = "overall_score", require_rewards: bool = True
+) -> tuple[list[Message], list[str], Optional[list[float]]]:
+    """Return the prompt as messages (all masked), the response texts and their rewards.
+
+    With ``require_rewards=False`` (rows about to be scored, e.g. by ``rao_tune.annotate``) the reward fields
+    are not read at all, so they may be missing or stale, and the rewards come back as None.
+    """
     if layout == "native":
         prompt = _prompt_messages(_require(row, "prompt"), "prompt")
         responses_raw = _require(row, "responses")
         if not isinstance(responses_raw, (list, tuple)):
             raise BadRowError("responses", "'responses' must be a list", "malformed")
         responses = [_response_text(item, f"responses[{i}]") for i, item in enumerate(responses_raw)]
-        rewards_raw = _require(row, "rewards")
-        if not isinstance(rewards_raw, (list, tuple)):
-            raise BadRowError("rewards", "'rewards' must be a list of numbers", "malformed")
-        rewards = [_reward(value, f"rewards[{i}]") for i, value in enumerate(rewards_raw)]
+        rewards = None
+        if require_rewards:
+            rewards_raw = _require(row, "rewards")
+            if not isinstance(rewards_raw, (list, tuple)):
+                raise BadRowError("rewards", "'rewards' must be a list of numbers", "malformed")
+            rewards = [_reward(value, f"rewards[{i}]") for i, value in enumerate(rewards_raw)]
     elif layout == "ultrafeedback_binarized":
         chosen = _message_list(_require(row, "chosen"), "chosen")
         rejected = _message_list(_require(row, "rejected"), "rejected")
@@ -71,28 +81,30 @@ def parse_row(
                 raise BadRowError(field, f"'{field}' must end with an assistant turn after the prompt", "malformed")
         prompt = _prompt_messages(chosen[:-1], "chosen")
         responses = [_response_text(chosen[-1], "chosen[-1]"), _response_text(rejected[-1], "rejected[-1]")]
-        rewards = [
-            _reward(row.get("score_chosen"), "score_chosen"),
-            _reward(row.get("score_rejected"), "score_rejected"),
-        ]
+        rewards = None
+        if require_rewards:
+            rewards = [
+                _reward(row.get("score_chosen"), "score_chosen"),
+                _reward(row.get("score_rejected"), "score_rejected"),
+            ]
     elif layout == "ultrafeedback":
         prompt = _prompt_messages(_require(row, "instruction"), "instruction")
         completions = _require(row, "completions")
         if not isinstance(completions, (list, tuple)):
             raise BadRowError("completions", "'completions' must be a list", "malformed")
-        responses, rewards = [], []
+        responses, rewards = [], ([] if require_rewards else None)
         for i, completion in enumerate(completions):
             if not isinstance(completion, Mapping):
                 raise BadRowError(f"completions[{i}]", "each completion must be a mapping", "malformed")
             responses.append(_response_text(completion.get("response"), f"completions[{i}].response"))
-            score = _dotted_get(completion, score_field)
-            rewards.append(_reward(score, f"completions[{i}].{score_field}"))
+            if require_rewards:
+                rewards.append(_reward(_dotted_get(completion, score_field), f"completions[{i}].{score_field}"))
     else:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
     if not responses:
         raise BadRowError("responses", "the row has no responses", "no_responses")
-    if len(responses) != len(rewards):
+    if rewards is not None and len(responses) != len(rewards):
         raise BadRowError(
             "rewards", f"{len(responses)} responses but {len(rewards)} rewards", "count_mismatch"
         )

@@ -14,6 +14,7 @@ import logging
 from typing import Any, Mapping, Optional
 
 import torch
+from datasets import Dataset as HFDataset
 from datasets import load_dataset
 from torch.utils.data import Dataset
 from torchtune.data import Message
@@ -60,6 +61,34 @@ def tokenize_prompt_and_responses(
     return prompt_tokens, response_tokens
 
 
+def load_rows(
+    source: str,
+    *,
+    split: str,
+    layout: str = "auto",
+    column_map: Optional[Mapping[str, str]] = None,
+    on_bad_row: str = "error",
+    require_rewards: bool = True,
+    **load_dataset_kwargs: Any,
+) -> tuple[HFDataset, str, str]:
+    """``datasets.load_dataset`` with our checks: returns the rows (columns renamed by ``column_map``, which
+    maps our names to the data's), their layout (detected when ``auto``) and the origin named in errors."""
+    if on_bad_row not in ("error", "drop"):
+        raise ValueError(f"on_bad_row must be 'error' or 'drop', got {on_bad_row!r}")
+    if layout != "auto" and layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
+    data_files = load_dataset_kwargs.get("data_files")
+    if source in _FILE_LOADERS and not data_files and not load_dataset_kwargs.get("data_dir"):
+        # Without files, datasets' file loaders would read whatever matches in the working directory.
+        raise ValueError(f"dataset source {source!r} reads local files: set data_files (e.g. dataset.data_files=train.jsonl)")
+    rows = load_dataset(source, split=split, **load_dataset_kwargs)
+    if column_map:
+        rows = rows.rename_columns({old: new for new, old in column_map.items() if old != new})
+    if layout == "auto":
+        layout = detect_layout(rows.column_names, require_rewards=require_rewards)
+    return rows, layout, str(data_files) if data_files else source
+
+
 class RewardAnnotatedDataset(Dataset):
     """Map-style dataset of prompts with k >= 1 rewarded responses each, tokenized up front.
 
@@ -90,19 +119,9 @@ class RewardAnnotatedDataset(Dataset):
         split: str = "train",
         **load_dataset_kwargs: Any,
     ):
-        if on_bad_row not in ("error", "drop"):
-            raise ValueError(f"on_bad_row must be 'error' or 'drop', got {on_bad_row!r}")
-        if layout != "auto" and layout not in LAYOUTS:
-            raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
-        data_files = load_dataset_kwargs.get("data_files")
-        if source in _FILE_LOADERS and not data_files and not load_dataset_kwargs.get("data_dir"):
-            # Without files, datasets' file loaders would read whatever matches in the working directory.
-            raise ValueError(f"dataset source {source!r} reads local files: set data_files (e.g. dataset.data_files=train.jsonl)")
-        self.origin = str(data_files) if data_files else source
-        raw = load_dataset(source, split=split, **load_dataset_kwargs)
-        if column_map:
-            raw = raw.rename_columns({old: new for new, old in column_map.items() if old != new})
-        self.layout = detect_layout(raw.column_names) if layout == "auto" else layout
+        raw, self.layout, self.origin = load_rows(
+            source, split=split, layout=layout, column_map=column_map, on_bad_row=on_bad_row, **load_dataset_kwargs
+        )
 
         self._samples: list[dict] = []
         self.dropped: collections.Counter = collections.Counter()
