@@ -156,8 +156,12 @@ def _score_shard(parsed, scorer, batch_size: int, origin: str, progress) -> list
 
 
 def _write_atomically(path: Path, text: str) -> None:
+    """Write, flush to disk, then rename: after a crash the file is either whole or absent."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 

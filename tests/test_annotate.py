@@ -14,6 +14,7 @@ from torchtune import config
 
 from rao_tune.annotate import annotate, annotation_dataset
 from rao_tune.data import reward_dataset
+from rao_tune.models import RewardModelHFCheckpointer
 from rao_tune.rewards import KeywordReward, python_reward, word_count
 from rao_tune.training.metrics import read_disk_log
 
@@ -188,8 +189,11 @@ def test_llama3_8b_config_runs_with_its_tiny_sibling(monkeypatch, tmp_path, tiny
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "uf.parquet"))
     tiny_model = OmegaConf.load(CONFIG).scorer.model
     overrides = [f"scorer.model.{key}={value}" for key, value in tiny_model.items()]
+    # The 8B config only accepts a trained reward model (score.weight): save the tiny one as such.
+    checkpointer = RewardModelHFCheckpointer(str(tiny_assets["checkpoint_dir"]), str(tmp_path / "rm"), seed=0)
+    checkpointer.save_checkpoint(checkpointer.load_checkpoint(), epoch=0)
     run_recipe_in_process(monkeypatch, load_recipe("annotate_rewards"), REPO_ROOT / "configs" / "llama3_8b_annotate.yaml", *overrides,
-        f"output_dir={tmp_path}", f"reward_model_dir={tiny_assets['checkpoint_dir']}",
+        f"output_dir={tmp_path}", f"reward_model_dir={tmp_path / 'rm' / 'epoch_0'}",
         f"scorer.tokenizer.path={tiny_assets['tokenizer_path']}",
         f"scorer.tokenizer.special_tokens_path={tiny_assets['special_tokens_path']}",
         "dataset.source=parquet", f"dataset.data_files={tmp_path / 'uf.parquet'}", "dataset.split=train",

@@ -30,6 +30,12 @@ class BradleyTerryLoss(nn.Module):
             ``best_vs_others`` (default; a chosen/rejected row gives its one pair) or ``all_ordered``
             (every pair with distinct rewards); ``best_vs_worst`` and ``best_vs_random`` also work.
         seed: seed of ``best_vs_random``.
+
+    Each micro-batch averages over its own pairs (as trl does per device). When pair counts differ between
+    micro-batches or ranks (``all_ordered``, ties), the trained objective weighs pairs per micro-batch while the
+    logged ``loss`` / ``eval_loss`` weigh every pair equally; with one pair per prompt they are the same.
+    ``best_vs_random`` draws from one generator that is not saved with the recipe state: a resumed run draws
+    other pairs than an uninterrupted one.
     """
 
     def __init__(self, pairs: str = "best_vs_others", seed: Optional[int] = 0):

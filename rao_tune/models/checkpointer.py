@@ -64,7 +64,10 @@ class RewardModelHFCheckpointer:
         output_dir: where ``epoch_N/`` folders and ``recipe_state/recipe_state.pt`` go.
         model_type: ``LLAMA3`` (also EuroLLM and other plain Llama blocks) or ``QWEN2`` (with q/k/v biases).
         seed: seed of a new score head.
-        pad_token_id: written to the saved ``config.json``; transformers finds each sequence's last token by it.
+        pad_token_id: written to the saved ``config.json``; transformers finds each sequence's last token by it
+            (without one, transformers scores only unpadded, one-sequence batches).
+        require_score_head: refuse a checkpoint without ``score.weight`` (set it when scoring, so that pointing at
+            an SFT model by mistake is an error rather than a random reward).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class RewardModelHFCheckpointer:
         pad_token_id: Optional[int] = None,
         recipe_checkpoint: Optional[str] = None,
         should_load_recipe_state: bool = False,
+        require_score_head: bool = False,
     ) -> None:
         if model_type not in _FAMILIES:
             raise ValueError(f"RewardModelHFCheckpointer: model_type must be one of {sorted(_FAMILIES)}, got {model_type!r}")
@@ -92,6 +96,10 @@ class RewardModelHFCheckpointer:
         self._config = json.loads(config_path.read_text())
         if pad_token_id is not None:
             self._config["pad_token_id"] = pad_token_id
+        elif self._config.get("pad_token_id") is None:
+            log.warning("RewardModelHFCheckpointer: no pad_token_id; set it to the tokenizer's pad id so that "
+                        "transformers can score padded batches with the saved model")
+        self._require_score_head = require_score_head
         weights_dir = self._output_dir if should_load_recipe_state else self._checkpoint_dir
         names = _checkpoint_file_names(checkpoint_files, self._checkpoint_dir)
         self._checkpoint_paths = [weights_dir / name for name in names]
@@ -115,6 +123,11 @@ class RewardModelHFCheckpointer:
         hf_state.pop("lm_head.weight", None)  # an SFT model's vocabulary head is not part of a reward model
         _, hf_to_tune, _ = _FAMILIES[self._model_type]
         state_dict = hf_to_tune(hf_state, **self._shape_args())
+        if score is None and self._require_score_head:
+            raise ValueError(
+                f"{self._checkpoint_dir} has no score.weight: it is not a trained reward model "
+                "(require_score_head=True); point checkpoint_dir at a reward model's epoch_N folder"
+            )
         if score is None:
             reference = state_dict["tok_embeddings.weight"]
             score = init_score_head(self._config["hidden_size"], self._seed, dtype=reference.dtype)

@@ -23,9 +23,20 @@ def _resolve(builder: Union[str, Callable[..., nn.Module]]) -> Callable[..., nn.
     return getattr(importlib.import_module(module_path), name)
 
 
+class ScoreHead(nn.Linear):
+    """``nn.Linear(embed_dim, 1, bias=False)`` computed in fp32: a bf16 output would round rewards to steps of
+    1/16 near |r| = 8, creating false ties between responses. Same parameter name and shape as a linear layer."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__(embed_dim, 1, bias=False)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return nn.functional.linear(hidden.float(), self.weight.float())
+
+
 def reward_model(decoder: Union[str, Callable[..., nn.Module]], **decoder_kwargs: Any) -> nn.Module:
-    """``decoder(**decoder_kwargs)`` with its vocabulary projection replaced by ``nn.Linear(embed_dim, 1)``
-    (no bias, as HF's ``*ForSequenceClassification.score``). The model returns ``[batch, seq, 1]``; read the
+    """``decoder(**decoder_kwargs)`` with its vocabulary projection replaced by a one-output :class:`ScoreHead`
+    (no bias, as HF's ``*ForSequenceClassification.score``; computed in fp32). The model returns ``[batch, seq, 1]``; read the
     reward at each sequence's last token with :func:`last_token_scores`.
 
     YAML::
@@ -37,7 +48,7 @@ def reward_model(decoder: Union[str, Callable[..., nn.Module]], **decoder_kwargs
     model = _resolve(decoder)(**decoder_kwargs)
     embed_dim = model.tok_embeddings.embedding_dim
     # Tied decoders (small Qwen2.5) project through the embedding; the score head is a separate, untied weight.
-    model.output = nn.Linear(embed_dim, 1, bias=False)
+    model.output = ScoreHead(embed_dim)
     return model
 
 

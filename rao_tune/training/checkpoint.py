@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config, training
 from torchtune.training.checkpointing._utils import RECIPE_STATE_DIRNAME
@@ -98,9 +98,7 @@ def instantiate_checkpointer(cfg_checkpointer: DictConfig, *, resume: bool) -> A
     if not files:
         raise FileNotFoundError(f"resume_from_checkpoint=True but {epoch_dir} holds no model files")
     log.info("Resuming after epoch %d from %s", epochs_run, epoch_dir)
-    return config.instantiate(
-        cfg_checkpointer,
-        should_load_recipe_state=True,
-        checkpoint_files=[f"{epoch_dir.name}/{name}" for name in files],
-        recipe_checkpoint=None,
-    )
+    # Replace, not merge: the configured files may be torchtune's {filename_format, max_filename} mapping.
+    resumed = cfg_checkpointer.copy()
+    OmegaConf.update(resumed, "checkpoint_files", [f"{epoch_dir.name}/{name}" for name in files], merge=False)
+    return config.instantiate(resumed, should_load_recipe_state=True, recipe_checkpoint=None)

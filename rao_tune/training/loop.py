@@ -94,13 +94,20 @@ def guarded_optimizer_step(
     return grad_norm
 
 
-def recipe_state(*, seed: int, epochs_run: int, total_epochs: int, max_steps_per_epoch: Optional[int]) -> dict:
-    """What a resumed run checks and continues from (see ``check_resume_state``)."""
+STEPS_PER_EPOCH_KEY = "steps_per_epoch"
+
+
+def recipe_state(
+    *, seed: int, epochs_run: int, total_epochs: int, max_steps_per_epoch: Optional[int], steps_per_epoch: int
+) -> dict:
+    """What a resumed run checks and continues from (see ``check_resume_state``). ``steps_per_epoch`` pins the
+    step layout (processes x batch size x accumulation): another layout would shift the LR schedule."""
     return {
         training.SEED_KEY: seed,
         training.EPOCHS_KEY: epochs_run,
         training.TOTAL_EPOCHS_KEY: total_epochs,
         training.MAX_STEPS_KEY: max_steps_per_epoch,
+        STEPS_PER_EPOCH_KEY: steps_per_epoch,
     }
 
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from rao_tune.training.checkpoint import check_resume_state, instantiate_checkpointer, save_epoch_checkpoint
 from rao_tune.training.distributed import init_distributed
 from rao_tune.training.loop import (
+    STEPS_PER_EPOCH_KEY,
     build_dataloader,
     guarded_optimizer_step,
     recipe_state,
@@ -88,6 +89,13 @@ class DistributedRecipe:
             max_steps_per_epoch=self.max_steps_per_epoch,
             explain=f"{len(self._dataset)} prompts, batch_size={cfg.batch_size}, {self.world_size} processes",
         )
+        saved_steps = checkpoint.get(STEPS_PER_EPOCH_KEY)
+        if self._resume_from_checkpoint and saved_steps is not None and saved_steps != self._steps_per_epoch:
+            raise ValueError(
+                f"resume_from_checkpoint: the run had {saved_steps} steps per epoch, this config gives "
+                f"{self._steps_per_epoch} ({self.world_size} processes, batch_size={cfg.batch_size}, "
+                f"gradient_accumulation_steps={self._gradient_accumulation_steps}); resume with the original layout"
+            )
         self.global_step = self.epochs_run * self._steps_per_epoch
         self._optimizer, self._lr_scheduler = setup_optimizer(
             cfg,
@@ -158,6 +166,7 @@ class DistributedRecipe:
                 epochs_run=self.epochs_run,
                 total_epochs=self.total_epochs,
                 max_steps_per_epoch=self.max_steps_per_epoch,
+                steps_per_epoch=self._steps_per_epoch,
             ),
             device=self._device,
             is_rank_zero=self._is_rank_zero,
