@@ -48,13 +48,17 @@ def test_pair_rules(rule, expected):
 
 
 def test_best_vs_random_is_seeded_and_picks_a_lower_response():
-    draws = [preference_pairs(REWARDS, PROMPT_IDS, "best_vs_random", torch.Generator().manual_seed(s)) for s in range(20)]
+    draws = [preference_pairs(REWARDS, PROMPT_IDS, "best_vs_random", seed) for seed in range(20)]
     for chosen, rejected in draws:
         assert chosen.tolist() == [0, 6]
         assert rejected[0].item() in (1, 2) and rejected[1].item() in (5, 7)
     assert len({tuple(r.tolist()) for _, r in draws}) > 1  # the draw does vary with the seed
-    again = preference_pairs(REWARDS, PROMPT_IDS, "best_vs_random", torch.Generator().manual_seed(3))
+    again = preference_pairs(REWARDS, PROMPT_IDS, "best_vs_random", 3)
     assert again[1].tolist() == draws[3][1].tolist()
+    # the draw belongs to the prompt, not to its place in the batch (so ranks, epochs and resumes agree)
+    moved = preference_pairs(REWARDS[[5, 6, 7, 0, 1, 2]], torch.tensor([0, 0, 0, 1, 1, 1]), "best_vs_random", 3)
+    first_rejected, third_rejected = draws[3][1].tolist()  # prompt 0 at indices 0-2, prompt 2 at 5-7
+    assert moved[1].tolist() == [third_rejected - 5, first_rejected + 3]
 
 
 def test_bradley_terry_module_pairs_then_averages():

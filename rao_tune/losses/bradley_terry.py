@@ -33,19 +33,16 @@ class BradleyTerryLoss(nn.Module):
 
     Each micro-batch averages over its own pairs (as trl does per device). When pair counts differ between
     micro-batches or ranks (``all_ordered``, ties), the trained objective weighs pairs per micro-batch while the
-    logged ``loss`` / ``eval_loss`` weigh every pair equally; with one pair per prompt they are the same.
-    ``best_vs_random`` draws from one generator that is not saved with the recipe state: a resumed run draws
-    other pairs than an uninterrupted one.
-    """
+    logged ``loss`` / ``eval_loss`` weigh every pair equally; with one pair per prompt they are the same.    """
 
     def __init__(self, pairs: str = "best_vs_others", seed: Optional[int] = 0):
         super().__init__()
         self.pairs = pairs
-        self._generator = torch.Generator().manual_seed(seed or 0)
+        self.seed = seed or 0
         preference_pairs(torch.zeros(1), torch.zeros(1, dtype=torch.long), pairs)  # validates the rule name
 
     def forward(self, scores: Tensor, rewards: Tensor, prompt_ids: Tensor) -> PairwiseOutput:
-        chosen, rejected = preference_pairs(rewards.cpu(), prompt_ids.cpu(), self.pairs, self._generator)
+        chosen, rejected = preference_pairs(rewards.cpu(), prompt_ids.cpu(), self.pairs, self.seed)
         if len(chosen) == 0:
             # Keep the graph (every FSDP rank must run backward) but contribute nothing.
             return PairwiseOutput(loss=scores.sum() * 0.0, accuracy=0.0, margin=0.0, num_pairs=0)

@@ -6,7 +6,9 @@ responses with equal rewards are never paired, and a prompt whose responses all 
 
 from __future__ import annotations
 
-from typing import Optional
+import random
+import struct
+import zlib
 
 import torch
 from torch import Tensor
@@ -14,8 +16,15 @@ from torch import Tensor
 PAIR_RULES = ("best_vs_others", "all_ordered", "best_vs_worst", "best_vs_random")
 
 
+def _stable_draw(seed: int, prompt_rewards: list[float], num_choices: int) -> int:
+    """A draw fixed by the seed and the prompt's rewards: the same on every rank, epoch and resumed run, so a
+    prompt keeps its pair for the whole training, as when a dataset is binarised once."""
+    key = zlib.crc32(struct.pack(f"<q{len(prompt_rewards)}d", seed, *prompt_rewards))
+    return random.Random(key).randrange(num_choices)
+
+
 def preference_pairs(
-    rewards: Tensor, prompt_ids: Tensor, rule: str = "best_vs_others", generator: Optional[torch.Generator] = None
+    rewards: Tensor, prompt_ids: Tensor, rule: str = "best_vs_others", seed: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Return ``(chosen_index, rejected_index)``, two ``[P]`` long tensors into the flat batch.
 
@@ -23,8 +32,8 @@ def preference_pairs(
         best_vs_others: best against every response with a lower reward (a chosen/rejected row gives its pair).
         all_ordered: every ordered pair with distinct rewards, k(k-1)/2 for k distinct rewards.
         best_vs_worst: best against the lowest reward.
-        best_vs_random: best against one lower-reward response drawn with ``generator`` (UltraFeedback's
-            binarisation rule, as in the RAO paper and Zephyr).
+        best_vs_random: best against one lower-reward response, drawn from ``seed`` and the prompt's rewards
+            (UltraFeedback's binarisation rule, as in the RAO paper and Zephyr; fixed per prompt across epochs).
     """
     if rule not in PAIR_RULES:
         raise ValueError(f"pair rule must be one of {PAIR_RULES}, got {rule!r}")
@@ -47,7 +56,7 @@ def preference_pairs(
         if rule == "best_vs_worst":
             lower = [members[min(range(len(members)), key=member_rewards.__getitem__)]]
         elif rule == "best_vs_random":
-            lower = [lower[int(torch.randint(len(lower), (1,), generator=generator))]]
+            lower = [lower[_stable_draw(seed, member_rewards, len(lower))]]
         chosen.extend([members[best_position]] * len(lower))
         rejected.extend(lower)
     return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
