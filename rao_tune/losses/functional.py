@@ -12,6 +12,7 @@ Shapes: a batch holds N responses to B prompts, flattened. Every tensor argument
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -73,9 +74,260 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor
     """Bradley-Terry reward-model loss (RAO paper Eq. 2; Ouyang et al. 2022): ``mean(-log sigmoid(r_w - r_l))``
     over pairs, where ``r_w`` / ``r_l`` are the scalar scores of the preferred / dispreferred response.
     ``logsigmoid`` keeps large negative margins finite."""
-    return -torch.nn.functional.logsigmoid(chosen_scores - rejected_scores).mean()
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
 
 
 def pairwise_accuracy(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
     """Fraction of pairs the scores order correctly; a tie counts as wrong."""
     return (chosen_scores > rejected_scores).float().mean()
+
+
+# --- Pairwise losses --------------------------------------------------------------------------------------------
+# Arguments are ``[P]`` tensors over P (chosen, rejected) pairs: ``*_chosen_logps`` / ``*_rejected_logps`` are
+# log pi(y|x) summed over the response tokens, ``*_lengths`` the responses' token counts, ``*_rewards`` the
+# explicit rewards. Each function returns the mean over pairs.
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """DPO (Rafailov et al. 2023), with conservative label smoothing eps (Mitchell 2023, "cDPO")::
+
+        d = beta * [(log pi_w - log ref_w) - (log pi_l - log ref_l)]
+        L = -(1 - eps) * log sigmoid(d) - eps * log sigmoid(-d)
+    """
+    margin = beta * ((policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps))
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses.mean()
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> Tensor:
+    """IPO (Azar et al. 2023), with beta as the paper's tau::
+
+        L = ((log pi_w - log ref_w) - (log pi_l - log ref_l) - 1 / (2 * beta))^2
+
+    Pass summed log-probs for the paper's form, or token-averaged ones for trl's (``IPOLoss`` averages by
+    default, as trl does, so long responses do not dominate the fixed 1/(2 beta) target).
+    """
+    logratio_gap = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    return ((logratio_gap - 1 / (2 * beta)) ** 2).mean()
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    gamma: float,
+) -> Tensor:
+    """SimPO (Meng et al. 2024): reference-free, length-normalised, with a target margin gamma::
+
+        L = -log sigmoid(beta * log pi_w / |y_w| - beta * log pi_l / |y_l| - gamma)
+    """
+    margin = beta * policy_chosen_logps / chosen_lengths - beta * policy_rejected_logps / rejected_lengths - gamma
+    return -F.logsigmoid(margin).mean()
+
+
+def slic_hf_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    *,
+    delta: float = 1.0,
+    nll_weight: float = 0.0,
+) -> Tensor:
+    """SLiC-HF (Zhao et al. 2023): a rank-calibration hinge on the sequence log-likelihoods, plus an optional
+    regularising NLL of the chosen response (per token)::
+
+        L = max(0, delta - log pi_w + log pi_l) + lambda * (-log pi_w / |y_w|)
+    """
+    hinge = torch.relu(delta - policy_chosen_logps + policy_rejected_logps)
+    return (hinge - nll_weight * policy_chosen_logps / chosen_lengths).mean()
+
+
+def log_odds(average_logps: Tensor) -> Tensor:
+    """log(p / (1 - p)) of p = exp(mean token log-prob), computed stably for p close to 1."""
+    return average_logps - torch.log1p(-torch.exp(average_logps.clamp(max=-1e-6)))
+
+
+def orpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    odds_ratio_weight: float,
+) -> Tensor:
+    """ORPO (Hong et al. 2024): reference-free; NLL of the chosen response plus an odds-ratio term, both on
+    token-averaged log-probs ``a = log pi / |y|``::
+
+        odds(y) = exp(a) / (1 - exp(a))
+        L = -a_w - lambda * log sigmoid(log odds(y_w) - log odds(y_l))
+    """
+    chosen_average, rejected_average = policy_chosen_logps / chosen_lengths, policy_rejected_logps / rejected_lengths
+    odds_ratio_term = -F.logsigmoid(log_odds(chosen_average) - log_odds(rejected_average))
+    return (-chosen_average + odds_ratio_weight * odds_ratio_term).mean()
+
+
+def cal_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> Tensor:
+    """Cal-DPO (Xiao et al. 2024): a DPO term on the log-ratios plus calibration of each log-ratio to the
+    scale of the rewards, +-1/(2 beta), so that the chosen response's likelihood cannot fall::
+
+        h_w = log pi_w - log ref_w,  h_l = log pi_l - log ref_l
+        L = -log sigmoid(h_w - h_l) + (h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2
+
+    As in the authors' implementation, the Bradley-Terry term uses unscaled log-ratios; beta sets the targets.
+    """
+    chosen_logratio = policy_chosen_logps - reference_chosen_logps
+    rejected_logratio = policy_rejected_logps - reference_rejected_logps
+    losses = (
+        -F.logsigmoid(chosen_logratio - rejected_logratio)
+        + (chosen_logratio - 1 / (2 * beta)) ** 2
+        + (rejected_logratio + 1 / (2 * beta)) ** 2
+    )
+    return losses.mean()
+
+
+def distillation_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    *,
+    beta: float,
+) -> Tensor:
+    """Reward-model distillation (Fisch et al. 2024, the RAO paper's "RPO" baseline): the implicit reward gap
+    regressed on the explicit one, i.e. :func:`reward_aware_rpo_loss` with the squared distance and eta = 1::
+
+        L = (beta * [(log pi_w - log ref_w) - (log pi_l - log ref_l)] - (r_w - r_l))^2
+    """
+    return reward_aware_rpo_loss(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        chosen_rewards, rejected_rewards, beta=beta, eta=1.0, distance="squared",
+    )
+
+
+RPO_DISTANCES = ("squared", "backward_kl", "forward_kl")
+
+
+def reward_aware_rpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    *,
+    beta: float,
+    eta: float,
+    distance: str = "squared",
+) -> Tensor:
+    """NVIDIA's reward-aware preference optimization (Nemotron-4 340B report; NeMo-Aligner's ``rpo_sq``,
+    ``rpo_bwd_kl``, ``rpo_fwd_kl``): a distance between the implicit reward gap and the scaled explicit one::
+
+        a = beta * [(log pi_w - log ref_w) - (log pi_l - log ref_l)],   b = eta * (r_w - r_l)
+        squared:     (a - b)^2
+        backward_kl: KL(Bern(sigmoid(b)) || Bern(sigmoid(a)))   (target first, as NeMo-Aligner's rpo_bwd_kl)
+        forward_kl:  KL(Bern(sigmoid(a)) || Bern(sigmoid(b)))
+    """
+    if distance not in RPO_DISTANCES:
+        raise ValueError(f"distance must be one of {RPO_DISTANCES}, got {distance!r}")
+    implicit_gap = beta * ((policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps))
+    target_gap = eta * (chosen_rewards - rejected_rewards)
+    if distance == "squared":
+        return ((implicit_gap - target_gap) ** 2).mean()
+    # log sigmoid(x) and log(1 - sigmoid(x)) = log sigmoid(-x), both stable
+    log_model, log_model_not = F.logsigmoid(implicit_gap), F.logsigmoid(-implicit_gap)
+    log_target, log_target_not = F.logsigmoid(target_gap), F.logsigmoid(-target_gap)
+    if distance == "backward_kl":
+        kl = log_target.exp() * (log_target - log_model) + log_target_not.exp() * (log_target_not - log_model_not)
+    else:
+        kl = log_model.exp() * (log_model - log_target) + log_model_not.exp() * (log_model_not - log_target_not)
+    return kl.mean()
+
+
+# --- Point-wise losses over all of a prompt's responses (arguments as for rao_loss) ----------------------------
+
+
+def leave_one_out_advantages(rewards: Tensor, prompt_ids: Tensor) -> Tensor:
+    """``r_i - mean_{j != i} r_j`` over the responses of each prompt; 0 for a prompt's only response."""
+    _, prompt_index = torch.unique(prompt_ids, return_inverse=True)
+    num_prompts = int(prompt_index.max()) + 1
+    sums = rewards.new_zeros(num_prompts).index_add(0, prompt_index, rewards)
+    counts = torch.bincount(prompt_index, minlength=num_prompts).to(rewards.dtype)
+    others = (counts[prompt_index] - 1).clamp(min=1)
+    advantages = rewards - (sums[prompt_index] - rewards) / others
+    return torch.where(counts[prompt_index] > 1, advantages, torch.zeros_like(advantages))
+
+
+def rloo_loss(policy_logps: Tensor, rewards: Tensor, prompt_ids: Tensor) -> Tensor:
+    """Offline REINFORCE leave-one-out (Ahmadian et al. 2024) on the dataset's rewards and responses::
+
+        A_i = r_i - mean_{j != i, same prompt} r_j
+        L = -mean over prompts of mean over responses of A_i * log pi(y_i|x)
+
+    Needs two or more responses per prompt; a lone response has no baseline and no gradient.
+    """
+    advantages = leave_one_out_advantages(rewards, prompt_ids).detach()
+    return per_prompt_mean(-advantages * policy_logps, prompt_ids).mean()
+
+
+def partition_log_normaliser(
+    reference_logps: Tensor, rewards: Tensor, prompt_ids: Tensor, *, tau: float
+) -> Tensor:
+    """``V(x) / tau = log sum_{i of x} pi_ref(y_i|x) exp(r_i / tau)`` per response (Faye et al. 2025): the
+    partition function of the prompt estimated from its own responses, weighted by the reference model."""
+    _, prompt_index = torch.unique(prompt_ids, return_inverse=True)
+    num_prompts = int(prompt_index.max()) + 1
+    terms = reference_logps + rewards / tau
+    maxima = terms.new_full((num_prompts,), -torch.inf).scatter_reduce(0, prompt_index, terms, reduce="amax")
+    shifted = (terms - maxima[prompt_index]).exp()
+    sums = terms.new_zeros(num_prompts).index_add(0, prompt_index, shifted)
+    return (sums.log() + maxima)[prompt_index]
+
+
+def reward_partition_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    rewards: Tensor,
+    prompt_ids: Tensor,
+    *,
+    tau: float,
+) -> Tensor:
+    """Reward Partitioning Optimization (Faye et al. 2025, arXiv 2506.13702), RAO's closest point-wise sibling:
+    the normaliser comes from the prompt's own responses instead of prefix consistency::
+
+        V(x) = tau * log sum_{i of x} pi_ref(y_i|x) exp(r_i / tau)
+        L = 1/2 * mean over prompts of mean over responses of (log pi(y|x) - log pi_ref(y|x) - (r - V(x)) / tau)^2
+
+    Pass token-averaged log-probs for the authors' implementation (``RewardPartitionLoss`` does by default).
+    They compute V once over the whole dataset; here it is computed from the batch, which holds every response
+    of its prompts, so the value is the same.
+    """
+    log_normaliser = partition_log_normaliser(reference_logps, rewards, prompt_ids, tau=tau).detach()
+    residual = (policy_logps - reference_logps) - (rewards / tau - log_normaliser)
+    return 0.5 * per_prompt_mean(residual**2, prompt_ids).mean()
