@@ -45,7 +45,8 @@ class RAORecipeDistributed(DistributedRecipe):
 
         self._loss_fn: PreferenceLoss = config.instantiate(cfg.loss)
         self._ref_model = None
-        if self._loss_fn.needs_reference:
+        # A reference-free loss runs without one, unless asked to log true log-ratios for comparison with others.
+        if self._loss_fn.needs_reference or cfg.get("monitor_with_reference", False):
             self._ref_model = setup_fsdp_model(
                 cfg.model, self._reference_state_dict(cfg, checkpoint), trainable=False, **model_options
             )
@@ -60,10 +61,14 @@ class RAORecipeDistributed(DistributedRecipe):
                 self._metric_logger.log(f"calibrated/{name}", value, step=0)
 
         self.setup_data_and_optimizer(cfg, self._model, checkpoint)
+        if self._ref_model is None:
+            reference = "none (reference-free loss: logratio_* metrics are log pi, not log pi/pi_ref)"
+        else:
+            reference = "yes" if self._loss_fn.needs_reference else "for metrics only (monitor_with_reference)"
         utils.log_rank_zero(
             log,
             f"{len(self._dataset)} prompts, {self._steps_per_epoch} steps per epoch, {self.world_size} processes, "
-            f"reference model: {'yes' if self._ref_model is not None else 'no (reference-free loss)'}",
+            f"reference model: {reference}",
         )
 
     def _reference_state_dict(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> dict[str, Any]:

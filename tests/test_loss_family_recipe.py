@@ -55,3 +55,16 @@ def test_cli_switches_the_tiny_rao_config_to_another_loss(monkeypatch, tmp_path,
     )
     assert models == 1
     assert sorted(step for step in read_disk_log(tmp_path / "logs") if step > 0) == [1, 2, 3]
+
+
+def test_a_reference_free_loss_can_log_true_log_ratios(monkeypatch, tmp_path, tiny_assets):
+    """monitor_with_reference loads the reference for metrics only: logratio_* become log pi/pi_ref (near 0 at
+    step 1, where policy = reference), where without it they are log pi (far below 0)."""
+    config = REPO_ROOT / "configs" / "tiny_simpo.yaml"
+    assert run_counting_models(monkeypatch, tiny_assets, config, tmp_path / "with", "monitor_with_reference=True") == 2
+    assert run_counting_models(monkeypatch, tiny_assets, config, tmp_path / "without") == 1
+    with_reference = read_disk_log(tmp_path / "with" / "logs")[1]
+    without = read_disk_log(tmp_path / "without" / "logs")[1]
+    assert abs(with_reference["logratio_best"]) < 1e-4
+    assert without["logratio_best"] < -5
+    assert with_reference["loss"] == pytest.approx(without["loss"])  # the loss never sees the reference
