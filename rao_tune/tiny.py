@@ -390,6 +390,16 @@ def marker_preference_rows(num_prompts: int, seed: int = 0, marker: str = MARKER
     return rows
 
 
+def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reward rows as SFT conversations ``{"messages": [user, assistant]}`` with each prompt's best response."""
+    conversations = []
+    for row in rows:
+        best = max(range(len(row["rewards"])), key=row["rewards"].__getitem__)
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["responses"][best]}]
+        conversations.append({"messages": messages})
+    return conversations
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -423,6 +433,9 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
     )
     train_data_path = out_dir / "data" / "train.jsonl"
     build_reward_data(train_data_path, num_prompts=64, seed=seed)
+    # SFT data: each prompt with its best response, as chat messages (UltraChat's "messages" layout).
+    sft_data_path = out_dir / "data" / "sft.jsonl"
+    _write_jsonl(sft_data_path, sft_rows(reward_rows(64, seed=seed)))
     # Reward-model data: a learnable preference (the marker word), with a held-out split from another seed.
     preference_train_path = out_dir / "data" / "preference_train.jsonl"
     preference_heldout_path = out_dir / "data" / "preference_heldout.jsonl"
@@ -435,6 +448,7 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
         "checkpoint_dir": checkpoint_dir,
         "checkpoint_files": [CHECKPOINT_FILE],
         "train_data_path": train_data_path,
+        "sft_data_path": sft_data_path,
         "preference_train_path": preference_train_path,
         "preference_heldout_path": preference_heldout_path,
         "vocab_size": tokenizer["vocab_size"],

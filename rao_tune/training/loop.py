@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -17,17 +17,26 @@ from rao_tune.data import collate_reward_batch
 
 
 def build_dataloader(
-    dataset: Dataset, *, batch_size: int, world_size: int, rank: int, shuffle: bool, seed: int, pad_id: int
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    shuffle: bool,
+    seed: int,
+    pad_id: int,
+    collate_fn: Optional[Callable[[list], dict]] = None,
 ) -> tuple[DistributedSampler, DataLoader]:
-    """Each rank gets ``batch_size`` prompts (with all their responses) per micro-batch; the last partial batch
-    is dropped so every rank and micro-batch holds the same number of prompts and means of means stay exact."""
+    """Each rank gets ``batch_size`` examples (prompts with all their responses, by default) per micro-batch; the
+    last partial batch is dropped so every rank and micro-batch holds the same number of them and means of means
+    stay exact. ``collate_fn`` defaults to :func:`collate_reward_batch` padded with ``pad_id``."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=True,
-        collate_fn=partial(collate_reward_batch, pad_id=pad_id),
+        collate_fn=collate_fn or partial(collate_reward_batch, pad_id=pad_id),
     )
     return sampler, loader
 

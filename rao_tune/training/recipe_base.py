@@ -5,7 +5,7 @@ optimizer and schedule, the guarded optimizer step, per-step system metrics and 
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -72,8 +72,11 @@ class DistributedRecipe:
             custom_sharded_layers=cfg.get("custom_sharded_layers", None),
         )
 
-    def setup_data_and_optimizer(self, cfg: DictConfig, model: nn.Module, checkpoint: dict[str, Any]) -> None:
-        """Loader over ``self._dataset``, steps per epoch, and the optimizer and schedule of ``model``."""
+    def setup_data_and_optimizer(
+        self, cfg: DictConfig, model: nn.Module, checkpoint: dict[str, Any], collate_fn: Callable | None = None
+    ) -> None:
+        """Loader over ``self._dataset`` (reward-annotated batches unless ``collate_fn``), steps per epoch, and the
+        optimizer and schedule of ``model``."""
         self._sampler, self._dataloader = build_dataloader(
             self._dataset,
             batch_size=cfg.batch_size,
@@ -82,12 +85,13 @@ class DistributedRecipe:
             shuffle=cfg.shuffle,
             seed=self.seed,
             pad_id=self._tokenizer.pad_id,
+            collate_fn=collate_fn,
         )
         self._steps_per_epoch = steps_per_epoch(
             len(self._dataloader),
             gradient_accumulation_steps=self._gradient_accumulation_steps,
             max_steps_per_epoch=self.max_steps_per_epoch,
-            explain=f"{len(self._dataset)} prompts, batch_size={cfg.batch_size}, {self.world_size} processes",
+            explain=f"{len(self._dataset)} examples, batch_size={cfg.batch_size}, {self.world_size} processes",
         )
         saved_steps = checkpoint.get(STEPS_PER_EPOCH_KEY)
         if self._resume_from_checkpoint and saved_steps is not None and saved_steps != self._steps_per_epoch:
