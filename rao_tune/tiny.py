@@ -10,7 +10,7 @@ import base64
 import json
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -95,6 +95,28 @@ def _train_byte_level_bpe(corpus: list[str], base_vocab_size: int) -> list[bytes
     return tokens[:base_vocab_size]
 
 
+def write_special_tokens(
+    out_dir: Path, names: Sequence[str], *, num_merged: int, base_vocab_size: int
+) -> tuple[dict[str, int], int, Path]:
+    """Give the named special tokens the ids after ``base_vocab_size``, fill the unused ids (below
+    ``base_vocab_size`` and up to a multiple of ``VOCAB_MULTIPLE``) with reserved tokens, so that the tokenizer's
+    vocabulary equals the model's, and write them as a Hugging Face tokenizer.json's "added_tokens" (the layout
+    torchtune's parsers read). Returns (name -> id, vocab size, path)."""
+    special_tokens = {name: base_vocab_size + offset for offset, name in enumerate(names)}
+    named_end = base_vocab_size + len(names)
+    vocab_size = -(-named_end // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    reserved_ids = [*range(num_merged, base_vocab_size), *range(named_end, vocab_size)]
+    for index, token_id in enumerate(reserved_ids):
+        special_tokens[f"<|reserved_special_token_{index}|>"] = token_id
+    special_tokens_path = out_dir / SPECIAL_TOKENS_FILE
+    added_tokens = [
+        {"id": token_id, "content": name, "special": True}
+        for name, token_id in sorted(special_tokens.items(), key=lambda item: item[1])
+    ]
+    special_tokens_path.write_text(json.dumps({"added_tokens": added_tokens}, indent=2) + "\n")
+    return special_tokens, vocab_size, special_tokens_path
+
+
 def build_tokenizer(out_dir: Path, corpus: list[str], base_vocab_size: int = 512) -> dict[str, Any]:
     """Write a tiny Llama3-style tiktoken tokenizer to ``out_dir``, trained on ``corpus``.
 
@@ -114,20 +136,9 @@ def build_tokenizer(out_dir: Path, corpus: list[str], base_vocab_size: int = 512
         "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for rank, token in enumerate(tokens))
     )
 
-    special_tokens = {name: base_vocab_size + offset for offset, name in enumerate(LLAMA3_NAMED_SPECIAL_TOKENS)}
-    named_end = base_vocab_size + len(LLAMA3_NAMED_SPECIAL_TOKENS)
-    vocab_size = -(-named_end // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    reserved_ids = [*range(len(tokens), base_vocab_size), *range(named_end, vocab_size)]
-    for index, token_id in enumerate(reserved_ids):
-        special_tokens[f"<|reserved_special_token_{index}|>"] = token_id
-
-    # The layout of a Hugging Face tokenizer.json's "added_tokens", which torchtune's parser reads.
-    special_tokens_path = out_dir / SPECIAL_TOKENS_FILE
-    added_tokens = [
-        {"id": token_id, "content": name, "special": True}
-        for name, token_id in sorted(special_tokens.items(), key=lambda item: item[1])
-    ]
-    special_tokens_path.write_text(json.dumps({"added_tokens": added_tokens}, indent=2) + "\n")
+    special_tokens, vocab_size, special_tokens_path = write_special_tokens(
+        out_dir, LLAMA3_NAMED_SPECIAL_TOKENS, num_merged=len(tokens), base_vocab_size=base_vocab_size
+    )
 
     return {
         "tokenizer_path": tokenizer_path,

@@ -33,7 +33,8 @@ _FAMILIES = {
 }
 _HEAD = "output.weight"  # torchtune's name for the score head
 _MAX_SHARD_BYTES = 5 * 2**30
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_MAX_COPIED_FILE_BYTES = 100 * 2**20
 
 
 def _checkpoint_file_names(checkpoint_files: Union[list[str], dict[str, str], None], directory: Path) -> list[str]:
@@ -175,12 +176,19 @@ class RewardModelHFCheckpointer:
         config = dict(self._config)
         config.update(architectures=[class_name], num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         (epoch_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for path in self._checkpoint_dir.iterdir():  # tokenizer and generation files travel with the weights
-            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in (
-                "config.json",
-                SAFETENSOR_INDEX_FNAME,
+        # Tokenizer and generation files travel with the weights (e.g. Llama3's original/tokenizer.model).
+        for path in sorted(self._checkpoint_dir.rglob("*")):
+            relative = path.relative_to(self._checkpoint_dir)
+            if (
+                not path.is_file()
+                or any(part.startswith(".") for part in relative.parts)
+                or path.name.endswith(_WEIGHT_SUFFIXES)
+                or path.name in ("config.json", SAFETENSOR_INDEX_FNAME)
+                or path.stat().st_size > _MAX_COPIED_FILE_BYTES
             ):
-                shutil.copy(path, epoch_dir / path.name)
+                continue
+            (epoch_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, epoch_dir / relative)
         log.info("Reward model saved to %s (%.2f GiB)", epoch_dir, total_size / 2**30)
 
         if intermediate_checkpoint:
