@@ -127,14 +127,10 @@ class RAORecipeDistributed(DistributedRecipe):
 
                 totals = all_reduce_sum(step_sums, self._device)
                 loss = totals["loss"] / (self._gradient_accumulation_steps * self.world_size)
-                grad_norm = self.optimizer_step(self._model, loss, epoch)
-                elapsed = time.perf_counter() - step_start
                 metrics = {"loss": loss, **finalize_preference_metrics(totals)}
-                self.log_step(metrics, tokens=totals["tokens"], elapsed=elapsed, grad_norm=grad_norm)
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4g}")
-                step_sums = {}
-                step_start = time.perf_counter()
+                self.finish_step(self._model, loss=loss, metrics=metrics, tokens=totals["tokens"], epoch=epoch,
+                                 progress=progress, started=step_start)
+                step_sums, step_start = {}, time.perf_counter()
             progress.close()
 
             self.save_checkpoint(self._model, epoch)

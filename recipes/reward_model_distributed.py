@@ -114,13 +114,9 @@ class RewardModelRecipeDistributed(DistributedRecipe):
 
                 totals = all_reduce_sum(step_sums, self._device)
                 means = pair_means(totals)
-                grad_norm = self.optimizer_step(self._model, means["loss"], epoch)
-                elapsed = time.perf_counter() - step_start
-                self.log_step(means, tokens=totals["tokens"], elapsed=elapsed, grad_norm=grad_norm)
-                progress.update(1)
-                progress.set_postfix(loss=f"{means['loss']:.4g}", acc=f"{means['accuracy']:.3f}")
-                step_sums = {}
-                step_start = time.perf_counter()
+                self.finish_step(self._model, loss=means["loss"], metrics=means, tokens=totals["tokens"], epoch=epoch,
+                                 progress=progress, started=step_start)
+                step_sums, step_start = {}, time.perf_counter()
             progress.close()
 
             if self._eval_dataset is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from rao_tune.losses import functional as LF
 from rao_tune.losses.base import LossOutput, PreferenceLoss, ResponseLogProbs
 

@@ -5,6 +5,7 @@ optimizer and schedule, the guarded optimizer step, per-step system metrics and 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Iterator
 
 import torch
@@ -155,6 +156,17 @@ class DistributedRecipe:
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         self._metric_logger.log_dict(metrics, step=self.global_step)
+
+    def finish_step(
+        self, model: nn.Module, *, loss: float, metrics: dict[str, float], tokens: float, epoch: int, progress: tqdm,
+        started: float,
+    ) -> None:
+        """The end of an optimizer step: guarded update, metrics (with the step's wall time since ``started``),
+        progress bar."""
+        grad_norm = self.optimizer_step(model, loss, epoch)
+        self.log_step(metrics, tokens=tokens, elapsed=time.perf_counter() - started, grad_norm=grad_norm)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4g}")
 
     def save_checkpoint(self, model: nn.Module, epoch: int) -> None:
         """The HF checkpoint of ``epoch`` (and, before the last epoch, what resuming needs). Collective."""
