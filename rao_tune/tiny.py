@@ -416,6 +416,35 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def build_tiny_eval_tasks(out_dir: Path, num_questions: int = 12, seed: int = 0) -> Path:
+    """Two local lm-eval tasks on the synthetic task, for evaluation without the hub: ``tiny_choice``
+    (multiple choice: the right answer among three of the task's answers) and ``tiny_answer`` (generate until a
+    newline, exact match). Returns the folder to give lm-eval as ``include_path``."""
+    out_dir = Path(out_dir).resolve()  # the task files name their data by absolute path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    questions = []
+    for _ in range(num_questions):
+        prompt, target, extra_item = rng.choice(_TASKS)(rng)
+        wrong = [" ".join(_corrupt(rng, target, errors, extra_item)) for errors in (1, 2)]
+        choices = [" ".join(target), *wrong]
+        rng.shuffle(choices)
+        questions.append({"question": prompt, "choices": choices, "answer": choices.index(" ".join(target)),
+                          "target": " ".join(target)})
+    _write_jsonl(out_dir / "tiny_questions.jsonl", questions)
+    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {out_dir / 'tiny_questions.jsonl'}\ntest_split: test\n"
+    (out_dir / "tiny_choice.yaml").write_text(
+        "task: tiny_choice\n" + data + "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n"
+    )
+    (out_dir / "tiny_answer.yaml").write_text(
+        "task: tiny_answer\n" + data + "output_type: generate_until\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_target: \"{{target}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 16\n"
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n"
+    )
+    return out_dir
+
+
 def tiny_corpus(seed: int = 0) -> list[str]:
     """Text covering the task's vocabulary and the chat roles, for training the tiny tokenizer."""
     rows = reward_rows(num_prompts=512, responses_per_prompt=(4, 4), seed=seed)
@@ -452,6 +481,7 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
     preference_heldout_path = out_dir / "data" / "preference_heldout.jsonl"
     _write_jsonl(preference_train_path, marker_preference_rows(256, seed=seed + 1))
     _write_jsonl(preference_heldout_path, marker_preference_rows(64, seed=seed + 2))
+    eval_tasks_dir = build_tiny_eval_tasks(out_dir / "eval" / "tasks", seed=seed + 3)
     return {
         "out_dir": out_dir,
         "tokenizer_path": tokenizer["tokenizer_path"],
@@ -462,6 +492,7 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
         "sft_data_path": sft_data_path,
         "preference_train_path": preference_train_path,
         "preference_heldout_path": preference_heldout_path,
+        "eval_tasks_dir": eval_tasks_dir,
         "vocab_size": tokenizer["vocab_size"],
         "special_tokens": special_tokens,
         "model_kwargs": model_kwargs,

@@ -25,7 +25,8 @@ from recipe_runner import load_recipe, run_recipe_in_process
 pytestmark = pytest.mark.slow
 CONFIGS = sorted(path.stem for path in (REPO_ROOT / "configs").glob("*.yaml"))
 FAMILIES = {"llama3_8b": "llama3", "qwen2_5_7b": "qwen2_5", "eurollm_9b": "eurollm"}
-RECIPES = {"sft": "sft_distributed", "reward_model": "reward_model_distributed", "annotate": "annotate_rewards"}
+RECIPES = {"sft": "sft_distributed", "reward_model": "reward_model_distributed", "annotate": "annotate_rewards",
+           "eval": "evaluate"}
 
 
 def stage_of(name):
@@ -77,8 +78,15 @@ def sharded_copy(assets, directory):
     return directory
 
 
-def paper_config_overrides(name, assets, tmp_path):
+def paper_config_overrides(name, assets, tmp_path, tiny_assets):
     stage, cfg = stage_of(name), OmegaConf.load(REPO_ROOT / "configs" / f"{name}.yaml")
+    if stage == "eval":  # the family's tiny checkpoint on the tiny local tasks instead of lm-eval's hub tasks
+        return [f"output_dir={tmp_path / 'run'}", f"model={assets['model_component']}",
+                *[f"model.{key}={value}" for key, value in assets["model_kwargs"].items()],
+                *[f"tokenizer.{key}={value}" for key, value in assets["tokenizer_kwargs"].items()],
+                f"checkpoints=[{{name: tiny, checkpoint_dir: {assets['checkpoint_dir']}}}]",
+                "tasks=[tiny_choice,tiny_answer]", f"include_path={tiny_assets['eval_tasks_dir']}",
+                "include_defaults=False", "limit=3", "device=cpu", "dtype=fp32"]
     data = tiny_data(tmp_path, stage)
     model_key = {"reward_model": "model", "annotate": "scorer.model"}.get(stage)
     sizes = [f"{model_key or 'model'}.{key}={value}" for key, value in assets["model_kwargs"].items()]
@@ -110,13 +118,17 @@ def test_config_runs_two_steps_on_cpu(monkeypatch, tmp_path, tiny_assets, family
     stage, family = stage_of(name), family_of(name)
     if family is None:  # a tiny config: as shipped, on the session's tiny assets
         overrides = [f"assets_dir={tiny_assets['out_dir']}", f"output_dir={tmp_path / 'run'}"]
-        if stage != "annotate":
+        if stage not in ("annotate", "eval"):
             overrides += ["epochs=1", "max_steps_per_epoch=2"]
     else:
-        overrides = paper_config_overrides(name, family_assets(family), tmp_path)
+        overrides = paper_config_overrides(name, family_assets(family), tmp_path, tiny_assets)
     run_recipe_in_process(monkeypatch, load_recipe(RECIPES.get(stage, "rao_distributed")),
                           REPO_ROOT / "configs" / f"{name}.yaml", *overrides)
 
+    if stage == "eval":
+        table = (tmp_path / "run" / "results.md").read_text().splitlines()
+        assert len(table) == 3 and table[0].startswith("| checkpoint | tiny_choice | tiny_answer")
+        return
     if stage == "annotate":
         output = OmegaConf.load(REPO_ROOT / "configs" / f"{name}.yaml").output_path.split("/")[-1]
         rows = (tmp_path / "run" / output).read_text().splitlines()
