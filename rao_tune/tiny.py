@@ -21,6 +21,8 @@ from torchtune.models.llama3._tokenizer import CL100K_PATTERN
 from torchtune.models.qwen2 import qwen2
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
+from rao_tune.eval.judges import build_tiny_eval_prompts
+
 # The special tokens torchtune's Llama3Tokenizer looks up, in Llama 3's order. Their ids start at
 # ``base_vocab_size`` whatever the corpus, so configs can rely on them.
 LLAMA3_NAMED_SPECIAL_TOKENS: tuple[str, ...] = (
@@ -482,6 +484,7 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
     _write_jsonl(preference_train_path, marker_preference_rows(256, seed=seed + 1))
     _write_jsonl(preference_heldout_path, marker_preference_rows(64, seed=seed + 2))
     eval_tasks_dir = build_tiny_eval_tasks(out_dir / "eval" / "tasks", seed=seed + 3)
+    build_tiny_eval_prompts(out_dir)  # AlpacaEval and MT-Bench prompt files for the generation config
     return {
         "out_dir": out_dir,
         "tokenizer_path": tokenizer["tokenizer_path"],

@@ -1,0 +1,499 @@
+"""Answers for the LLM-judge benchmarks: AlpacaEval's ``model_outputs`` and MT-Bench's model answers.
+
+Both benchmarks only need the model's answers in their own file formats; the judging (GPT-4) happens in their
+own tools. Here:
+
+* readers for the prompt files: AlpacaEval's evaluation set (``alpaca_eval.json``: a JSON list, or JSON lines,
+  of objects with ``instruction`` and optionally ``dataset``) and MT-Bench's questions (FastChat's
+  ``question.jsonl``: ``question_id``, ``category``, ``turns``); a bad row stops with the file, row and field;
+* prompt rendering with the model's own torchtune tokenizer and chat format, exactly as training renders a
+  prompt (the conversation plus an empty assistant message, without end tokens, so it ends with the assistant
+  header), whichever backend generates;
+* two generation backends with one interface (token ids in, new token ids out): :class:`TorchtuneBackend`
+  (torchtune's KV-cache generation, CPU or GPU) and :class:`VLLMBackend` (vllm on GPUs, imported only when
+  built);
+* multi-turn answering (MT-Bench's second turn sees the first question and the model's own first answer);
+* writers: AlpacaEval's ``model_outputs.json`` (``instruction``, ``output``, ``generator``, ``dataset``) and
+  MT-Bench answer lines as FastChat's ``gen_model_answer`` writes them (``question_id``, ``answer_id``,
+  ``model_id``, ``choices: [{"index": 0, "turns": [...]}]``, ``tstamp``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from torchtune.data import Message
+
+from rao_tune.data.reward_dataset import tokenize_prompt_and_responses
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torchtune", "vllm")
+PathLike = Union[str, os.PathLike]
+
+
+# --- Prompt files ------------------------------------------------------------------------------------------------
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file, the row and the field."""
+
+
+@dataclass(frozen=True)
+class AlpacaEvalPrompt:
+    instruction: str
+    dataset: Optional[str] = None  # AlpacaEval's source subset (helpful_base, koala, ...), copied to the output
+
+
+@dataclass(frozen=True)
+class MTBenchQuestion:
+    question_id: Union[int, str]
+    category: str
+    turns: tuple[str, ...]  # the user's messages, one per turn (two in MT-Bench)
+
+
+def _read_rows(path: Path) -> list[tuple[str, Any]]:
+    """The objects of a JSON list or a JSON-lines file, each with where it is (``row i`` or ``row i (line n)``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise PromptFileError(f"{path}: cannot read the prompt file: {err}") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PromptFileError(f"{path}: not valid JSON ({err})") from None
+        located = [(f"row {i}", row) for i, row in enumerate(rows)]
+    else:
+        located = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"row {len(located)} (line {line_number})"
+            try:
+                located.append((where, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise PromptFileError(f"{path}, {where}: not valid JSON ({err})") from None
+    if not located:
+        raise PromptFileError(f"{path}: no rows")
+    for where, row in located:
+        if not isinstance(row, dict):
+            raise PromptFileError(f"{path}, {where}: expected a JSON object, got {type(row).__name__}")
+    return located
+
+
+def _text_field(path: Path, where: str, row: dict, field: str, *, required: bool = True) -> Optional[str]:
+    if field not in row or row[field] is None:
+        if required:
+            raise PromptFileError(f"{path}, {where}, field '{field}': missing")
+        return None
+    value = row[field]
+    if not isinstance(value, str):
+        raise PromptFileError(f"{path}, {where}, field '{field}': expected a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise PromptFileError(f"{path}, {where}, field '{field}': empty")
+    return value
+
+
+def read_alpaca_eval_prompts(path: PathLike) -> list[AlpacaEvalPrompt]:
+    """AlpacaEval's evaluation set (e.g. ``alpaca_eval.json``), in file order. Other fields (the reference
+    ``output`` and ``generator``) are ignored."""
+    path = Path(path)
+    return [
+        AlpacaEvalPrompt(
+            instruction=_text_field(path, where, row, "instruction"),
+            dataset=_text_field(path, where, row, "dataset", required=False),
+        )
+        for where, row in _read_rows(path)
+    ]
+
+
+def read_mt_bench_questions(path: PathLike) -> list[MTBenchQuestion]:
+    """MT-Bench questions (FastChat's ``question.jsonl``), in file order; ``question_id`` must be unique."""
+    path = Path(path)
+    questions: list[MTBenchQuestion] = []
+    seen: dict[Union[int, str], str] = {}
+    for where, row in _read_rows(path):
+        question_id = row.get("question_id")
+        if question_id is None:
+            raise PromptFileError(f"{path}, {where}, field 'question_id': missing")
+        if isinstance(question_id, bool) or not isinstance(question_id, (int, str)):
+            raise PromptFileError(
+                f"{path}, {where}, field 'question_id': expected an integer or a string, got {question_id!r}"
+            )
+        if question_id in seen:
+            raise PromptFileError(
+                f"{path}, {where}, field 'question_id': {question_id!r} repeats the one in {seen[question_id]}"
+            )
+        seen[question_id] = where
+        category = _text_field(path, where, row, "category")
+        turns = row.get("turns")
+        if not isinstance(turns, list) or not turns:
+            raise PromptFileError(f"{path}, {where}, field 'turns': expected a non-empty list of strings, got {turns!r}")
+        for k, turn in enumerate(turns):
+            if not isinstance(turn, str) or not turn.strip():
+                raise PromptFileError(f"{path}, {where}, field 'turns[{k}]': expected a non-empty string, got {turn!r}")
+        questions.append(MTBenchQuestion(question_id=question_id, category=category, turns=tuple(turns)))
+    return questions
+
+
+# --- Output files ------------------------------------------------------------------------------------------------
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def alpaca_eval_records(
+    prompts: Sequence[AlpacaEvalPrompt], outputs: Sequence[str], generator: str
+) -> list[dict[str, str]]:
+    """AlpacaEval's ``model_outputs`` records, in prompt order (``dataset`` only where the prompt had one)."""
+    if len(prompts) != len(outputs):
+        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
+    records = []
+    for prompt, output in zip(prompts, outputs):
+        record = {"instruction": prompt.instruction, "output": output, "generator": generator}
+        if prompt.dataset is not None:
+            record["dataset"] = prompt.dataset
+        records.append(record)
+    return records
+
+
+def write_alpaca_eval_outputs(
+    path: PathLike, prompts: Sequence[AlpacaEvalPrompt], outputs: Sequence[str], generator: str
+) -> Path:
+    """Write ``model_outputs.json`` (a JSON list), what ``alpaca_eval --model_outputs`` reads."""
+    path = Path(path)
+    records = alpaca_eval_records(prompts, outputs, generator)
+    _write_atomically(path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def _answer_id(model_id: str, question_id: Union[int, str], turns: Sequence[str]) -> str:
+    # FastChat draws a random short uuid; a digest of the answer is as unique and keeps reruns byte-identical.
+    digest = hashlib.sha256(json.dumps([model_id, question_id, list(turns)]).encode("utf-8")).hexdigest()
+    return digest[:22]
+
+
+def mt_bench_records(
+    questions: Sequence[MTBenchQuestion],
+    answers: Sequence[Sequence[str]],
+    model_id: str,
+    tstamp: Optional[float] = None,
+) -> list[dict[str, Any]]:
+    """MT-Bench answer records as FastChat's ``gen_model_answer`` writes them, in question order."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    tstamp = time.time() if tstamp is None else tstamp
+    records = []
+    for question, turns in zip(questions, answers):
+        if len(turns) != len(question.turns):
+            raise ValueError(f"question {question.question_id!r} has {len(question.turns)} turns but {len(turns)} answers")
+        records.append(
+            {
+                "question_id": question.question_id,
+                "answer_id": _answer_id(model_id, question.question_id, turns),
+                "model_id": model_id,
+                "choices": [{"index": 0, "turns": list(turns)}],
+                "tstamp": tstamp,
+            }
+        )
+    return records
+
+
+def write_mt_bench_answers(
+    path: PathLike, questions: Sequence[MTBenchQuestion], answers: Sequence[Sequence[str]], model_id: str
+) -> Path:
+    """Write the answers as JSON lines; FastChat expects them at ``data/mt_bench/model_answer/<model_id>.jsonl``."""
+    path = Path(path)
+    records = mt_bench_records(questions, answers, model_id)
+    _write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def default_generator_name(checkpoint_dir: PathLike) -> str:
+    """A model name from its checkpoint folder: ``.../llama3_8b_rao/epoch_2`` -> ``llama3_8b_rao_epoch_2``, any
+    other folder its own name; characters other than letters, digits, ``.``, ``_`` and ``-`` become ``-``
+    (the name is also a file name for FastChat)."""
+    folder = Path(os.path.normpath(str(checkpoint_dir)))
+    name = folder.name
+    if re.fullmatch(r"epoch_\d+", name) and folder.parent.name:
+        name = f"{folder.parent.name}_{name}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name) or "model"
+
+
+# --- Rendering and decoding --------------------------------------------------------------------------------------
+
+
+def render_prompt(tokenizer: Any, conversation: Sequence[tuple[str, str]], system_prompt: Optional[str] = None) -> list[int]:
+    """Token ids of ``conversation`` (``(role, text)`` pairs, ending with a user turn) in the tokenizer's chat
+    format, up to and including the assistant header: the prompt as training renders it."""
+    messages = [Message(role="system", content=system_prompt, masked=True)] if system_prompt else []
+    messages += [Message(role=role, content=text, masked=True) for role, text in conversation]
+    prompt_tokens, _ = tokenize_prompt_and_responses(tokenizer, messages, [])
+    return prompt_tokens
+
+
+def decode_text(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    """The answer's text without special tokens and surrounding whitespace (as FastChat and AlpacaEval keep it)."""
+    if "skip_special_tokens" in inspect.signature(tokenizer.decode).parameters:
+        text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    else:
+        text = tokenizer.decode(list(token_ids))
+    return text.strip()
+
+
+def cut_at_stop(tokens: Sequence[int], stop_tokens: Sequence[int]) -> list[int]:
+    """``tokens`` up to (without) the first stop token."""
+    stops = set(stop_tokens)
+    return next((list(tokens[:i]) for i, token in enumerate(tokens) if token in stops), list(tokens))
+
+
+# --- Backends ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How answers are drawn; ``temperature == 0`` is greedy decoding (the paper's setting)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"sampling.top_k must be null or >= 1, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class GenerationBackend(ABC):
+    """Continues prompts given as token ids (rendered by our tokenizer) and returns only the new token ids,
+    cut before the first stop token."""
+
+    name: str
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+        ...
+
+
+class TorchtuneBackend(GenerationBackend):
+    """torchtune's generation with a KV cache, in batches of ``batch_size`` prompts of similar length.
+
+    torchtune samples with temperature and top-k only: ``top_p < 1`` with sampling is refused rather than
+    silently ignored. A prompt too long for ``max_new_tokens`` within the model's ``max_seq_len`` gets fewer
+    new tokens (with a warning).
+    """
+
+    name = "torchtune"
+
+    def __init__(self, model: Any, tokenizer: Any, *, device: Any, dtype: Any, sampling: SamplingSettings,
+                 batch_size: int = 8):
+        from rao_tune.eval.generation import stop_token_ids
+
+        if not sampling.greedy and sampling.top_p < 1:
+            raise ValueError("the torchtune backend samples with temperature and top_k only; set sampling.top_p=1.0 "
+                             "or use backend=vllm")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        self.sampling, self.batch_size = sampling, batch_size
+        self.stop_tokens = stop_token_ids(tokenizer)
+        self.pad_id = getattr(tokenizer, "pad_id", None)
+        if self.pad_id is None:
+            self.pad_id = 0
+        self.max_seq_len = getattr(model, "max_seq_len", None)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+        from rao_tune.eval.generation import generate_tokens
+
+        budgets = [max_new_tokens] * len(prompts)
+        if self.max_seq_len is not None:
+            budgets = [min(max_new_tokens, self.max_seq_len - len(prompt)) for prompt in prompts]
+            too_long = [i for i, budget in enumerate(budgets) if budget < 1]
+            if too_long:
+                i = too_long[0]
+                raise ValueError(f"prompt {i} has {len(prompts[i])} tokens, the model's max_seq_len is {self.max_seq_len}: "
+                                 f"no room for an answer ({len(too_long)} such prompts)")
+            shortened = sum(budget < max_new_tokens for budget in budgets)
+            if shortened:
+                log.warning("%d prompts leave room for fewer than max_new_tokens=%d new tokens within max_seq_len=%d; "
+                            "their answers may be cut", shortened, max_new_tokens, self.max_seq_len)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        for budget in sorted(set(budgets), reverse=True):  # one call when every prompt fits (the usual case)
+            indices = [i for i, b in enumerate(budgets) if b == budget]
+            new_tokens = generate_tokens(
+                self.model, [prompts[i] for i in indices], max_new_tokens=budget, pad_id=self.pad_id,
+                stop_tokens=self.stop_tokens, device=self.device, dtype=self.dtype,
+                temperature=self.sampling.temperature, top_k=self.sampling.top_k, batch_size=self.batch_size,
+                seed=self.sampling.seed,
+            )
+            for i, tokens in zip(indices, new_tokens):
+                outputs[i] = tokens
+        return outputs
+
+
+_VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class VLLMBackend(GenerationBackend):
+    """vllm on GPUs (``pip install 'rao-tune[vllm]'``), imported only here.
+
+    vllm reads the weights from the HF checkpoint folder but never tokenizes: prompts are token ids rendered by
+    our tokenizer (so the chat format is the one the model was trained with), and the new token ids are decoded
+    by our tokenizer too (``skip_tokenizer_init``). Not run in CI (no GPU there).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_dir: PathLike, tokenizer: Any, *, sampling: SamplingSettings, dtype: str = "bf16",
+                 tensor_parallel_size: int = 1, **llm_kwargs: Any):
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError("backend=vllm needs vllm on a GPU machine: pip install 'rao-tune[vllm]' "
+                              "(or use backend=torchtune)") from err
+        from rao_tune.eval.generation import stop_token_ids
+
+        self._vllm = vllm
+        self.sampling = sampling
+        self.stop_tokens = stop_token_ids(tokenizer)
+        self.llm = vllm.LLM(
+            model=str(model_dir), dtype=_VLLM_DTYPES.get(dtype, dtype), tensor_parallel_size=tensor_parallel_size,
+            seed=sampling.seed, skip_tokenizer_init=True, **llm_kwargs,
+        )
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+        params: dict[str, Any] = {
+            "temperature": self.sampling.temperature, "top_p": self.sampling.top_p, "max_tokens": max_new_tokens,
+            "stop_token_ids": list(self.stop_tokens), "seed": self.sampling.seed, "detokenize": False,
+        }
+        if self.sampling.top_k is not None:
+            params["top_k"] = self.sampling.top_k
+        results = self.llm.generate(
+            [{"prompt_token_ids": list(prompt)} for prompt in prompts], self._vllm.SamplingParams(**params)
+        )
+        return [cut_at_stop(list(result.outputs[0].token_ids), self.stop_tokens) for result in results]
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """``auto`` is vllm when it is installed and the device is a GPU, else torchtune."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_gpu = str(device).startswith("cuda")
+    if backend == "auto":
+        return "vllm" if on_gpu and vllm_available() else "torchtune"
+    if backend == "vllm" and not on_gpu:
+        raise ValueError(f"backend=vllm runs on GPUs only (device={device!r}); use backend=torchtune on CPU")
+    return backend
+
+
+# --- Answering ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationStats:
+    prompts: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        rate = self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+        return f"{self.prompts} prompts, {self.new_tokens} new tokens in {self.seconds:.1f} s ({rate:.1f} tokens/s)"
+
+
+def _generate_texts(backend: GenerationBackend, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+                    stats: Optional[GenerationStats]) -> list[str]:
+    start = time.perf_counter()
+    new_tokens = backend.generate(prompts, max_new_tokens=max_new_tokens)
+    if stats is not None:
+        stats.prompts += len(prompts)
+        stats.new_tokens += sum(len(tokens) for tokens in new_tokens)
+        stats.seconds += time.perf_counter() - start
+    return [decode_text(tokenizer, tokens) for tokens in new_tokens]
+
+
+def answer_alpaca_eval(backend: GenerationBackend, tokenizer: Any, prompts: Sequence[AlpacaEvalPrompt], *,
+                       max_new_tokens: int, system_prompt: Optional[str] = None,
+                       stats: Optional[GenerationStats] = None) -> list[str]:
+    """One answer per instruction (a single user turn), in prompt order."""
+    rendered = [render_prompt(tokenizer, [("user", prompt.instruction)], system_prompt) for prompt in prompts]
+    return _generate_texts(backend, tokenizer, rendered, max_new_tokens, stats)
+
+
+def mt_bench_conversation(turns: Sequence[str], answers: Sequence[str]) -> list[tuple[str, str]]:
+    """The conversation before the model's answer to turn ``len(answers)``: every earlier question with the
+    model's own answer, then the current question."""
+    conversation = []
+    for question, answer in zip(turns, answers):
+        conversation += [("user", question), ("assistant", answer)]
+    return conversation + [("user", turns[len(answers)])]
+
+
+def answer_mt_bench(backend: GenerationBackend, tokenizer: Any, questions: Sequence[MTBenchQuestion], *,
+                    max_new_tokens: int, system_prompt: Optional[str] = None,
+                    stats: Optional[GenerationStats] = None) -> list[list[str]]:
+    """Every question's answers, turn by turn: all first turns in one batch, then all second turns (each with
+    its first question and answer in the conversation), and so on."""
+    answers: list[list[str]] = [[] for _ in questions]
+    for turn in range(max(len(question.turns) for question in questions)):
+        active = [i for i, question in enumerate(questions) if turn < len(question.turns)]
+        rendered = [render_prompt(tokenizer, mt_bench_conversation(questions[i].turns, answers[i]), system_prompt)
+                    for i in active]
+        for i, text in zip(active, _generate_texts(backend, tokenizer, rendered, max_new_tokens, stats)):
+            answers[i].append(text)
+    return answers
+
+
+# --- Tiny prompt files -------------------------------------------------------------------------------------------
+
+
+TINY_ALPACA_EVAL = [
+    {"instruction": "count to 5", "dataset": "helpful_base"},
+    {"instruction": "repeat the word moon 3 times", "dataset": "koala"},
+    {"instruction": "reverse: red green blue", "dataset": "oasst"},
+    {"instruction": "count to 8", "dataset": "selfinstruct"},
+]
+
+TINY_MT_BENCH = [
+    {"question_id": 81, "category": "writing", "turns": ["count to 4", "now count to 6"]},
+    {"question_id": 82, "category": "reasoning", "turns": ["reverse: sun moon star", "repeat the word sun 3 times"]},
+    {"question_id": 83, "category": "math", "turns": ["count to 3", "count to 7"]},
+]
+
+
+def build_tiny_eval_prompts(out_dir: PathLike) -> dict[str, Path]:
+    """Write ``<out_dir>/eval/alpaca_eval.json`` and ``<out_dir>/eval/mt_bench.jsonl``: a few prompts in the
+    benchmarks' own layouts, for the tiny generation config and tests (same content on every call)."""
+    eval_dir = Path(out_dir) / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    alpaca_path, mt_bench_path = eval_dir / "alpaca_eval.json", eval_dir / "mt_bench.jsonl"
+    alpaca_path.write_text(json.dumps(TINY_ALPACA_EVAL, indent=2) + "\n")
+    mt_bench_path.write_text("".join(json.dumps(row) + "\n" for row in TINY_MT_BENCH))
+    return {"alpaca_eval_path": alpaca_path, "mt_bench_path": mt_bench_path}
