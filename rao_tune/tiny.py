@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -320,6 +321,35 @@ def _reverse_task(rng: random.Random) -> tuple[str, list[str], Callable[[int], s
 _TASKS = (_count_task, _repeat_task, _reverse_task)
 
 
+_COUNT = re.compile(r"count to (\d+)")
+_REPEAT = re.compile(r"repeat the word (\S+) (\d+) times")
+_REVERSE = re.compile(r"reverse: (.+)")
+
+
+def task_target(prompt: str) -> list[str]:
+    """The right answer of a synthetic-task prompt, as a list of items."""
+    if match := _COUNT.fullmatch(prompt):
+        return [str(i) for i in range(1, int(match.group(1)) + 1)]
+    if match := _REPEAT.fullmatch(prompt):
+        return [match.group(1)] * int(match.group(2))
+    if match := _REVERSE.fullmatch(prompt):
+        return match.group(1).split()[::-1]
+    raise ValueError(f"not a prompt of the synthetic task: {prompt!r}")
+
+
+def true_reward(prompt: str, response: str) -> float:
+    """The synthetic task's rule-based reward in [0, 1]: the fraction of positions answered right (graded: a
+    partly right answer scores between 0 and 1). A ``(prompt, response) -> float`` scorer for
+    ``rao_tune.rewards.python_reward``."""
+    return _answer_score(response.split(), task_target(prompt))
+
+
+def task_prompts(num_prompts: int, seed: int) -> list[str]:
+    """``num_prompts`` prompts of the synthetic task drawn from ``seed``."""
+    rng = random.Random(seed)
+    return [rng.choice(_TASKS)(rng)[0] for _ in range(num_prompts)]
+
+
 def _wrong_item(rng: random.Random, right: str) -> str:
     pool = [str(i) for i in range(1, 10)] if right.isdigit() else list(_WORDS)
     return rng.choice([item for item in pool if item != right])
@@ -483,6 +513,7 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
     preference_heldout_path = out_dir / "data" / "preference_heldout.jsonl"
     _write_jsonl(preference_train_path, marker_preference_rows(256, seed=seed + 1))
     _write_jsonl(preference_heldout_path, marker_preference_rows(64, seed=seed + 2))
+    _write_jsonl(out_dir / "data" / "prompts.jsonl", [{"prompt": prompt} for prompt in task_prompts(32, seed + 4)])
     eval_tasks_dir = build_tiny_eval_tasks(out_dir / "eval" / "tasks", seed=seed + 3)
     build_tiny_eval_prompts(out_dir)  # AlpacaEval and MT-Bench prompt files for the generation config
     return {

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 CONFIGS = sorted(path.stem for path in (REPO_ROOT / "configs").glob("*.yaml") if not path.stem.endswith("_generate"))
 FAMILIES = {"llama3_8b": "llama3", "qwen2_5_7b": "qwen2_5", "eurollm_9b": "eurollm"}
 RECIPES = {"sft": "sft_distributed", "reward_model": "reward_model_distributed", "annotate": "annotate_rewards",
-           "eval": "evaluate"}
+           "true_reward": "annotate_rewards", "eval": "evaluate", "sample": "sample_responses"}
 
 
 def stage_of(name):
@@ -119,7 +119,10 @@ def test_config_runs_two_steps_on_cpu(monkeypatch, tmp_path, tiny_assets, family
     stage, family = stage_of(name), family_of(name)
     if family is None:  # a tiny config: as shipped, on the session's tiny assets
         overrides = [f"assets_dir={tiny_assets['out_dir']}", f"output_dir={tmp_path / 'run'}"]
-        if stage not in ("annotate", "eval"):
+        if stage == "sample":  # the tiny base model instead of a trained SFT run
+            overrides += [f"checkpoint_dir={tiny_assets['checkpoint_dir']}", "checkpointer.checkpoint_files=[model.safetensors]",
+                          "num_samples=2", "max_new_tokens=4"]
+        elif stage not in ("annotate", "true_reward", "eval"):
             overrides += ["epochs=1", "max_steps_per_epoch=2"]
     else:
         overrides = paper_config_overrides(name, family_assets(family), tmp_path, tiny_assets)
@@ -130,7 +133,11 @@ def test_config_runs_two_steps_on_cpu(monkeypatch, tmp_path, tiny_assets, family
         table = (tmp_path / "run" / "results.md").read_text().splitlines()
         assert len(table) == 3 and table[0].startswith("| checkpoint | tiny_choice | tiny_answer")
         return
-    if stage == "annotate":
+    if stage == "sample":
+        rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+        assert len(rows) == 32 and all(1 <= len(row["responses"]) <= 2 for row in rows)
+        return
+    if stage in ("annotate", "true_reward"):
         output = OmegaConf.load(REPO_ROOT / "configs" / f"{name}.yaml").output_path.split("/")[-1]
         rows = (tmp_path / "run" / output).read_text().splitlines()
         assert len(rows) == (8 if family else 64) and all(len(json.loads(r)["rewards"]) >= 1 for r in rows)
