@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from rao_tune.data._rows import BadRowError, parse_row
 from rao_tune.data.reward_dataset import load_rows
+from rao_tune.files import write_atomically
 from rao_tune.rewards import as_scorer
 
 log = logging.getLogger(__name__)
@@ -155,16 +156,6 @@ def _score_shard(parsed, scorer, batch_size: int, origin: str, progress) -> list
     ]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write, flush to disk, then rename: after a crash the file is either whole or absent."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 # --- the whole run -----------------------------------------------------------------------------------------------
 
 
@@ -186,7 +177,7 @@ def _prepare_parts_dir(parts_dir: Path, manifest: dict, num_shards: int) -> tupl
                 "re-run with the same settings to resume it, or delete that folder to start over"
             )
     else:  # nothing to protect yet (e.g. the last run stopped on a bad row before finishing a shard)
-        _write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_atomically(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return [i for i in range(num_shards) if not _shard_path(parts_dir, i).exists()], None
 
 
@@ -271,11 +262,11 @@ def annotate(
     my_shards = pending[rank::world_size]
 
     # Parse this process's shards first: a bad row stops the run in seconds, not after hours of scoring.
-    bounds = {i: (i * rows_per_shard, min((i + 1) * rows_per_shard, num_rows)) for i in my_shards}
-    num_responses = 0
-    for index in my_shards:
-        parsed, _ = _parse_shard(rows, *bounds[index], keep_columns)
-        num_responses += sum(len(row["responses"]) for _, row, _ in parsed)
+    parsed_shards = {
+        index: _parse_shard(rows, index * rows_per_shard, min((index + 1) * rows_per_shard, num_rows), keep_columns)
+        for index in my_shards
+    }
+    num_responses = sum(len(row["responses"]) for parsed, _ in parsed_shards.values() for _, row, _ in parsed)
 
     done_before = num_shards - len(pending)
     progress = tqdm(
@@ -285,15 +276,15 @@ def annotate(
         disable=rank != 0,
     )
     for index in my_shards:
-        parsed, dropped = _parse_shard(rows, *bounds[index], keep_columns)
+        parsed, dropped = parsed_shards.pop(index)
         scored = _score_shard(parsed, scorer, batch_size, rows.origin, progress)
         shard_path = _shard_path(parts_dir, index)
         dropped_path = shard_path.with_suffix(".dropped.json")
         if dropped:  # written first: once the shard exists, so does its drop count
-            _write_atomically(dropped_path, json.dumps(dict(dropped)))
+            write_atomically(dropped_path, json.dumps(dict(dropped)))
         else:
             dropped_path.unlink(missing_ok=True)  # a leftover of a run with other settings
-        _write_atomically(shard_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
+        write_atomically(shard_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
     progress.close()
 
     summary = {"shards": num_shards, "shards_done_before": done_before, "shards_scored_here": len(my_shards)}

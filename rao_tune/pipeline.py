@@ -9,16 +9,18 @@ and the paper's Fig. 2 analogues. Each stage runs a recipe file with a config of
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import socket
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 from rao_tune.tiny import build_tiny_assets, reward_rows, sft_rows, task_prompts, true_reward
+from rao_tune.training.distributed import one_process_env
 from rao_tune.training.metrics import read_disk_log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,28 +28,34 @@ ALIGNMENT_CONFIGS = {"RAO": "tiny_rao", "DPO": "tiny_dpo", "IPO": "tiny_ipo", "S
                      "distillation": "tiny_distillation"}  # fmt: skip
 
 
-def run_recipe(name: str, config_name: str, *overrides: str) -> None:
-    """``tune run --nproc_per_node 1 recipes/<name>.py --config configs/<config_name>.yaml <overrides>``, in this
-    process (saves ~10 s of start-up per stage)."""
-    import importlib.util
-
+def load_recipe(name: str) -> ModuleType:
+    """A fresh module object for ``recipes/<name>.py`` (torchtune installs its own top-level ``recipes``
+    package, so ours is loaded by path)."""
     spec = importlib.util.spec_from_file_location(f"_recipe_{name}", REPO_ROOT / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    return module
+
+
+def call_recipe_main(recipe: ModuleType, config_path: Path, *overrides: str) -> None:
+    """``recipe.recipe_main()`` with ``--config config_path overrides`` as its command line; a non-zero exit
+    raises. The caller provides the process-group environment (:func:`one_process_env`)."""
     argv = sys.argv
-    sys.argv = [name, "--config", str(REPO_ROOT / "configs" / f"{config_name}.yaml"), *overrides]
+    sys.argv = [recipe.__name__, "--config", str(config_path), *overrides]
     try:
-        module.recipe_main()
-    except SystemExit as done:
+        recipe.recipe_main()
+    except SystemExit as done:  # torchtune's config.parse ends with sys.exit(recipe_main(...))
         if done.code not in (None, 0):
-            raise RuntimeError(f"recipes/{name}.py with configs/{config_name}.yaml exited with {done.code}") from None
+            raise RuntimeError(f"{recipe.__name__} with {config_path} exited with {done.code}") from None
     finally:
         sys.argv = argv
+
+
+def run_recipe(name: str, config_name: str, *overrides: str) -> None:
+    """``tune run --nproc_per_node 1 recipes/<name>.py --config configs/<config_name>.yaml <overrides>``, in this
+    process (saves ~10 s of start-up per stage)."""
+    os.environ.update(one_process_env())
+    call_recipe_main(load_recipe(name), REPO_ROOT / "configs" / f"{config_name}.yaml", *overrides)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -153,6 +153,31 @@ def build_tokenizer(out_dir: Path, corpus: list[str], base_vocab_size: int = 512
     }
 
 
+# The small decoder shape of every tiny family.
+TINY_SHAPE: dict[str, int] = {
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "embed_dim": 64,
+    "intermediate_dim": 128,
+    "max_seq_len": 256,
+}
+
+
+def _decoder_kwargs(
+    out_dir: Path, vocab_size: int, shape: dict[str, int], *, rope_base: float, norm_eps: float
+) -> dict[str, Any]:
+    """The builder kwargs of a tiny decoder (:data:`TINY_SHAPE` with ``shape``'s overrides); creates ``out_dir``."""
+    unknown = set(shape) - set(TINY_SHAPE)
+    if unknown:
+        raise TypeError(f"unknown decoder shape arguments: {sorted(unknown)}")
+    kwargs: dict[str, Any] = {"vocab_size": vocab_size, **TINY_SHAPE, **shape, "rope_base": rope_base, "norm_eps": norm_eps}
+    if kwargs["embed_dim"] % kwargs["num_heads"] != 0:
+        raise ValueError(f"embed_dim {kwargs['embed_dim']} is not a multiple of num_heads {kwargs['num_heads']}")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return kwargs
+
+
 def _hf_config(model_kwargs: dict[str, Any], **family_fields: Any) -> dict[str, Any]:
     """``config.json`` of a torchtune decoder built from ``model_kwargs``: the shared shape fields, then the
     family's own (architectures, model_type, ...)."""
@@ -181,40 +206,22 @@ def build_llama3_checkpoint(
     out_dir: Path,
     vocab_size: int,
     *,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    embed_dim: int = 64,
-    intermediate_dim: int = 128,
-    max_seq_len: int = 256,
     rope_base: float = 500000.0,
     norm_eps: float = 1e-5,
     seed: int = 0,
     bos_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
+    **shape: int,
 ) -> dict[str, Any]:
     """Write a randomly initialised tiny Llama3 as a Hugging Face checkpoint (``model.safetensors`` and
     ``config.json``) in ``out_dir``, loadable by torchtune's ``FullModelHFCheckpointer(model_type="LLAMA3")`` and
     by ``transformers.LlamaForCausalLM``. Returns the ``torchtune.models.llama3.llama3`` kwargs that rebuild it.
 
     It uses the plain ``llama3`` rope (no Llama 3.1 scaling), which is what a ``rope_theta`` alone means to
-    transformers.
+    transformers. ``shape`` overrides entries of :data:`TINY_SHAPE`.
     """
-    if embed_dim % num_heads != 0:
-        raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_kwargs: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "num_layers": num_layers,
-        "num_heads": num_heads,
-        "num_kv_heads": num_kv_heads,
-        "embed_dim": embed_dim,
-        "intermediate_dim": intermediate_dim,
-        "max_seq_len": max_seq_len,
-        "rope_base": rope_base,
-        "norm_eps": norm_eps,
-    }
+    model_kwargs = _decoder_kwargs(out_dir, vocab_size, shape, rope_base=rope_base, norm_eps=norm_eps)
+    num_heads, num_kv_heads, embed_dim = model_kwargs["num_heads"], model_kwargs["num_kv_heads"], model_kwargs["embed_dim"]
     # Fork the RNG so building assets never shifts the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -241,34 +248,18 @@ def build_qwen2_checkpoint(
     out_dir: Path,
     vocab_size: int,
     *,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    embed_dim: int = 64,
-    intermediate_dim: int = 128,
-    max_seq_len: int = 256,
     rope_base: float = 1_000_000.0,
     norm_eps: float = 1e-6,
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    **shape: int,
 ) -> dict[str, Any]:
     """Write a random tiny Qwen2 / Qwen2.5 (q/k/v biases, optionally tied embeddings) as an HF checkpoint that
     ``transformers.Qwen2ForCausalLM`` and torchtune's ``model_type=QWEN2`` read. Returns the
-    ``torchtune.models.qwen2.qwen2`` kwargs that rebuild it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_kwargs: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "num_layers": num_layers,
-        "num_heads": num_heads,
-        "num_kv_heads": num_kv_heads,
-        "embed_dim": embed_dim,
-        "intermediate_dim": intermediate_dim,
-        "max_seq_len": max_seq_len,
-        "rope_base": rope_base,
-        "norm_eps": norm_eps,
-        "tie_word_embeddings": tie_word_embeddings,
-    }
+    ``torchtune.models.qwen2.qwen2`` kwargs that rebuild it. ``shape`` overrides entries of :data:`TINY_SHAPE`."""
+    model_kwargs = _decoder_kwargs(out_dir, vocab_size, shape, rope_base=rope_base, norm_eps=norm_eps)
+    model_kwargs["tie_word_embeddings"] = tie_word_embeddings
+    num_heads, num_kv_heads, embed_dim = model_kwargs["num_heads"], model_kwargs["num_kv_heads"], model_kwargs["embed_dim"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = qwen2(**model_kwargs).to(torch.float32)

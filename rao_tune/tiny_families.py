@@ -34,17 +34,6 @@ EUROLLM_TOKENIZER_FILE = "tokenizer.model"
 QWEN2_VOCAB_FILE = "vocab.json"
 QWEN2_MERGES_FILE = "merges.txt"
 
-# The same small shape for every family (what rao_tune.tiny uses for Llama 3).
-TINY_SHAPE: dict[str, int] = {
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "embed_dim": 64,
-    "intermediate_dim": 128,
-    "max_seq_len": 256,
-}
-
-
 # --- EuroLLM --------------------------------------------------------------------------------------------------
 
 
@@ -96,36 +85,18 @@ def build_eurollm_checkpoint(
     out_dir: Path,
     vocab_size: int,
     *,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    embed_dim: int = 64,
-    intermediate_dim: int = 128,
-    max_seq_len: int = 256,
-    rope_base: float = 10000.0,
-    norm_eps: float = 1e-5,
     seed: int = 0,
     bos_token_id: int = 1,
     eos_token_id: int = 2,
     pad_token_id: Optional[int] = 2,
+    **shape: int,
 ) -> dict[str, Any]:
     """A random tiny EuroLLM as a Hugging Face ``LlamaForCausalLM`` checkpoint in ``out_dir`` (rope_theta
     10000, untied, EuroLLM's bos / eos / pad ids in ``config.json``). Returns the
     :func:`rao_tune.models.eurollm` kwargs that rebuild it."""
     model_kwargs = build_llama3_checkpoint(
-        out_dir,
-        vocab_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        embed_dim=embed_dim,
-        intermediate_dim=intermediate_dim,
-        max_seq_len=max_seq_len,
-        rope_base=rope_base,
-        norm_eps=norm_eps,
-        seed=seed,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
+        out_dir, vocab_size, rope_base=10000.0, norm_eps=1e-5, seed=seed, bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id, **shape,
     )
     if pad_token_id is not None:
         _update_config(out_dir, pad_token_id=pad_token_id)
@@ -232,7 +203,7 @@ def build_family_assets(out_dir: Path, family: str, seed: int = 0) -> dict[str, 
     if family == "qwen2_5":
         tokenizer = build_qwen2_tokenizer(out_dir / "tokenizer", corpus)
         special_tokens = tokenizer["special_tokens"]
-        model_kwargs = build_qwen2_checkpoint(checkpoint_dir, tokenizer["vocab_size"], seed=seed, **TINY_SHAPE)
+        model_kwargs = build_qwen2_checkpoint(checkpoint_dir, tokenizer["vocab_size"], seed=seed)
         # Qwen2.5's config names its end of text as bos and the end of turn as eos; transformers needs neither.
         _update_config(checkpoint_dir, bos_token_id=special_tokens["<|endoftext|>"],
                        eos_token_id=special_tokens["<|im_end|>"])
@@ -265,7 +236,6 @@ def build_family_assets(out_dir: Path, family: str, seed: int = 0) -> dict[str, 
         bos_token_id=special_tokens["<s>"],
         eos_token_id=special_tokens["</s>"],
         pad_token_id=special_tokens["</s>"],
-        **TINY_SHAPE,
     )
     return {
         "family": family,

@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 from torchtune import config, utils
 from torchtune.data import Message
 
-from rao_tune.data.reward_dataset import tokenize_conversation
+from rao_tune.data.reward_dataset import tokenize_prompt
 from rao_tune.eval.generation import generate_tokens, load_for_inference, stop_token_ids
+from rao_tune.eval.judges import decode_text
 
 log = utils.get_logger("INFO")
 
@@ -37,10 +38,7 @@ def recipe_main(cfg: DictConfig) -> None:
         cfg.model, cfg.checkpointer, cfg.tokenizer, device=cfg.device, dtype=cfg.dtype
     )
     prompts = [json.loads(line)["prompt"] for line in Path(cfg.prompts).read_text().splitlines() if line.strip()]
-    rendered = []
-    for prompt in prompts:
-        messages = prompt_messages(prompt) + [Message(role="assistant", content="")]
-        rendered.append(tokenize_conversation(tokenizer, messages, add_end_tokens=False)[0])
+    rendered = [tokenize_prompt(tokenizer, prompt_messages(prompt)) for prompt in prompts]
     k = cfg.num_samples
     new_tokens = generate_tokens(
         model, [tokens for tokens in rendered for _ in range(k)], max_new_tokens=cfg.max_new_tokens,
@@ -49,7 +47,7 @@ def recipe_main(cfg: DictConfig) -> None:
     )
     rows = []
     for index, prompt in enumerate(prompts):
-        responses = [tokenizer.decode(tokens).strip() for tokens in new_tokens[index * k : (index + 1) * k]]
+        responses = [decode_text(tokenizer, tokens) for tokens in new_tokens[index * k : (index + 1) * k]]
         # An empty sample cannot be scored or trained on: keep the non-empty ones (at least one is needed).
         responses = [text for text in responses if text] or ["<empty>"]
         rows.append({"prompt": prompt, "responses": responses})

@@ -1,37 +1,27 @@
 """Run a recipe file's ``recipe_main`` inside the test process, as ``tune run --nproc_per_node 1`` would."""
 
-import importlib.util
 import json
 import shutil
-import socket
-import sys
 
 from omegaconf import OmegaConf
 
-from conftest import REPO_ROOT
+from rao_tune.pipeline import call_recipe_main, load_recipe
+from rao_tune.training.distributed import one_process_env
 
-
-def load_recipe(name: str):
-    """A fresh module object for ``recipes/<name>.py`` (so a test may monkeypatch it)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe", REPO_ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+__all__ = [
+    "StopAfterFirstEpoch",
+    "crash_after_first_checkpoint",
+    "load_recipe",
+    "paper_config_on_tiny_assets",
+    "run_recipe_in_process",
+]
 
 
 def run_recipe_in_process(monkeypatch, recipe, config_path, *overrides):
     """A one-process group on a free port, the config and ``key=value`` overrides on the command line."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
+    for key, value in one_process_env().items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(sys, "argv", ["recipe", "--config", str(config_path), *overrides])
-    try:
-        recipe.recipe_main()
-    except SystemExit as done:  # torchtune's config.parse ends with sys.exit(recipe_main(...))
-        assert done.code in (None, 0), done.code
+    call_recipe_main(recipe, config_path, *overrides)
 
 
 class StopAfterFirstEpoch(Exception):

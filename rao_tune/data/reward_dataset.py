@@ -37,13 +37,18 @@ def tokenize_conversation(tokenizer: ModelTokenizer, messages: list[Message], *,
     return tokenizer.tokenize_messages(messages, **{flag: add_end_tokens})
 
 
+def tokenize_prompt(tokenizer: ModelTokenizer, prompt: list[Message]) -> list[int]:
+    """The prompt's tokens in the tokenizer's chat format, ending with an open assistant header: what training,
+    sampling, generation and chat-format evaluation all condition on."""
+    tokens, _ = tokenize_conversation(tokenizer, prompt + [Message(role="assistant", content="")], add_end_tokens=False)
+    return tokens
+
+
 def tokenize_prompt_and_responses(
     tokenizer: ModelTokenizer, prompt: list[Message], responses: list[str]
 ) -> tuple[list[int], list[list[int]]]:
     """Return the prompt tokens (ending with the assistant header) and each response's trainable tokens."""
-    prompt_tokens, _ = tokenize_conversation(
-        tokenizer, prompt + [Message(role="assistant", content="")], add_end_tokens=False
-    )
+    prompt_tokens = tokenize_prompt(tokenizer, prompt)
     response_tokens = []
     for i, text in enumerate(responses):
         tokens, masked = tokenize_conversation(

@@ -35,7 +35,8 @@ from typing import Any, Optional, Sequence, Union
 
 from torchtune.data import Message
 
-from rao_tune.data.reward_dataset import tokenize_prompt_and_responses
+from rao_tune.data.reward_dataset import tokenize_prompt
+from rao_tune.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +152,6 @@ def read_mt_bench_questions(path: PathLike) -> list[MTBenchQuestion]:
 # --- Output files ------------------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
 def alpaca_eval_records(
     prompts: Sequence[AlpacaEvalPrompt], outputs: Sequence[str], generator: str
 ) -> list[dict[str, str]]:
@@ -179,7 +173,7 @@ def write_alpaca_eval_outputs(
     """Write ``model_outputs.json`` (a JSON list), what ``alpaca_eval --model_outputs`` reads."""
     path = Path(path)
     records = alpaca_eval_records(prompts, outputs, generator)
-    _write_atomically(path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    write_atomically(path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
@@ -221,7 +215,7 @@ def write_mt_bench_answers(
     """Write the answers as JSON lines; FastChat expects them at ``data/mt_bench/model_answer/<model_id>.jsonl``."""
     path = Path(path)
     records = mt_bench_records(questions, answers, model_id)
-    _write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
+    write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
     return path
 
 
@@ -244,8 +238,7 @@ def render_prompt(tokenizer: Any, conversation: Sequence[tuple[str, str]], syste
     format, up to and including the assistant header: the prompt as training renders it."""
     messages = [Message(role="system", content=system_prompt, masked=True)] if system_prompt else []
     messages += [Message(role=role, content=text, masked=True) for role, text in conversation]
-    prompt_tokens, _ = tokenize_prompt_and_responses(tokenizer, messages, [])
-    return prompt_tokens
+    return tokenize_prompt(tokenizer, messages)
 
 
 def decode_text(tokenizer: Any, token_ids: Sequence[int]) -> str:

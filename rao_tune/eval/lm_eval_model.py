@@ -24,7 +24,7 @@ from torch import nn
 from torchtune.data import Message
 from tqdm.auto import tqdm
 
-from rao_tune.data.reward_dataset import tokenize_conversation
+from rao_tune.data.reward_dataset import tokenize_prompt
 from rao_tune.eval.generation import generate_tokens, stop_token_ids
 
 
@@ -76,9 +76,7 @@ class TorchtuneLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     def _chat_prompt(self, context: str) -> list[int]:
-        messages = [Message(role="user", content=context, masked=True), Message(role="assistant", content="")]
-        tokens, _ = tokenize_conversation(self.tokenizer, messages, add_end_tokens=False)
-        return tokens
+        return tokenize_prompt(self.tokenizer, [Message(role="user", content=context, masked=True)])
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if not self.chat_format:
