@@ -1,58 +1,106 @@
-"""Chunked, checkpointed per-sequence log-probs against a direct per-sequence computation."""
+"""Fused, logit-free per-sequence log-probs (padded and packed layouts) against a direct computation from full
+logits, one sequence at a time."""
 
 import pytest
 import torch
 from torchtune.models.llama3 import llama3
+from torchtune.models.qwen2 import qwen2
 
-from rao_tune.data import collate_reward_batch
-from rao_tune.training.logprobs import sequence_logps
+from rao_tune.data import collate_packed_batch, collate_reward_batch
+from rao_tune.training.logprobs import fused_token_logps, sequence_logps
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, tied=False):
     torch.manual_seed(seed)
-    return llama3(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=64,
-                  intermediate_dim=64)
+    shape = dict(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=64,
+                 intermediate_dim=64)
+    return qwen2(**shape, tie_word_embeddings=True) if tied else llama3(**shape)
 
 
+# Uneven response counts (1 to 4) and lengths; every prompt starts with the shared t0 = 1.
 SAMPLES = [
     {"prompt_tokens": [1, 5, 6, 7], "response_tokens": [[8, 9, 3], [10, 3]], "rewards": [1.0, 0.0]},
     {"prompt_tokens": [1, 11], "response_tokens": [[12, 13, 14, 15, 3]], "rewards": [0.5]},
+    {"prompt_tokens": [1, 11, 40, 41, 42], "response_tokens": [[12, 3], [50, 51, 52, 53], [60], [70, 71]],
+     "rewards": [0.5, 1.0, 2.0, 3.0]},
+    {"prompt_tokens": [1, 20, 21], "response_tokens": [[22, 23], [24, 25, 26]], "rewards": [2.0, -1.0]},
 ]
+
+LAYOUTS = {
+    "padded": collate_reward_batch,
+    "packed, one row": collate_packed_batch,
+    "packed, rows of 16": lambda samples: collate_packed_batch(samples, max_row_tokens=16),
+    # 9 tokens cannot hold the third prompt with all its responses: it is split, the prompt repeated.
+    "packed, rows of 9 (split groups)": lambda samples: collate_packed_batch(samples, max_row_tokens=9),
+}
 
 
 def direct_logps(model, prompt, response):
-    """Sum log p(token | prefix) over the response, and over the prompt after its first token, one sequence at a time."""
+    """log pi(response | prompt) and log pi(prompt after t0 | t0) from the full logits of this sequence alone."""
     sequence = torch.tensor([prompt + response])
     logp = torch.log_softmax(model(sequence).float(), dim=-1)[0]
     token_logps = [logp[i - 1, sequence[0, i]] for i in range(1, sequence.shape[1])]
-    prompt_part = sum(token_logps[: len(prompt) - 1])
-    response_part = sum(token_logps[len(prompt) - 1:])
-    return response_part, prompt_part
+    return sum(token_logps[len(prompt) - 1:]), sum(token_logps[: len(prompt) - 1])
 
 
-@pytest.mark.parametrize("num_chunks", [0, 1, 3])
-def test_sequence_logps_match_direct_computation(num_chunks):
-    model = tiny_model()
-    model.set_num_output_chunks(num_chunks)
-    batch = collate_reward_batch(SAMPLES, pad_id=0)
-    response_logps, prompt_logps = sequence_logps(model, batch)
-
-    model.set_num_output_chunks(0)
-    expected = [direct_logps(model, s["prompt_tokens"], r) for s in SAMPLES for r in s["response_tokens"]]
-    torch.testing.assert_close(response_logps, torch.stack([e[0] for e in expected]))
-    torch.testing.assert_close(prompt_logps, torch.stack([e[1] for e in expected]))
-    # responses of one prompt share its prompt log-prob
-    torch.testing.assert_close(prompt_logps[0], prompt_logps[1])
+def direct_batch(model, samples):
+    pairs = [direct_logps(model, s["prompt_tokens"], r) for s in samples for r in s["response_tokens"]]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def test_chunked_gradients_equal_unchunked_gradients():
-    batch = collate_reward_batch(SAMPLES, pad_id=0)
-    grads = []
-    for num_chunks in (0, 4):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied embeddings"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("chunk_tokens", [3, 1024])
+def test_fused_logps_match_full_logits_per_sequence(layout, chunk_tokens, tied):
+    model = tiny_model(tied=tied)
+    response_logps, prompt_logps = sequence_logps(model, LAYOUTS[layout](SAMPLES), chunk_tokens=chunk_tokens)
+    expected_response, expected_prompt = direct_batch(model, SAMPLES)
+    torch.testing.assert_close(response_logps, expected_response, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prompt_logps, expected_prompt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradients_match_full_logits_per_sequence(layout):
+    # Distinct weights per response and on the prompt term, so every token's gradient differs.
+    weights = torch.linspace(0.5, 2.0, sum(len(s["response_tokens"]) for s in SAMPLES))
+
+    def grads(compute):
         model = tiny_model()
-        model.set_num_output_chunks(num_chunks)
-        response_logps, prompt_logps = sequence_logps(model, batch)
-        (response_logps.sum() + 0.5 * prompt_logps.sum()).backward()
-        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+        response_logps, prompt_logps = compute(model)
+        ((weights * response_logps).sum() + 0.3 * prompt_logps.sum()).backward()
+        return {name: param.grad for name, param in model.named_parameters()}
+
+    expected = grads(lambda model: direct_batch(model, SAMPLES))
+    fused = grads(lambda model: sequence_logps(model, LAYOUTS[layout](SAMPLES), chunk_tokens=4))
+    for name in expected:
+        torch.testing.assert_close(fused[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_token_logps_equal_log_softmax_with_gradients(dtype):
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 8, dtype=dtype, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    upstream = torch.randn(13)
+    upstream[[2, 5, 6]] = 0.0  # tokens without gradient are skipped in backward
+
+    fused = fused_token_logps(hidden, weight, targets, chunk_tokens=4)
+    (fused * upstream).sum().backward()
+    fused_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    plain = torch.log_softmax((hidden @ weight.T).float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    (plain * upstream).sum().backward()
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused, plain.detach(), **tolerance)
+    torch.testing.assert_close(fused_grads[0], hidden.grad, **tolerance)
+    torch.testing.assert_close(fused_grads[1], weight.grad, **tolerance)
+    assert fused_grads[0].dtype == dtype
+
+
+def test_reference_model_without_gradients():
+    model = tiny_model().requires_grad_(False)
+    with torch.no_grad():
+        response_logps, _ = sequence_logps(model, collate_packed_batch(SAMPLES))
+    torch.testing.assert_close(response_logps, direct_batch(model, SAMPLES)[0], rtol=1e-5, atol=1e-5)

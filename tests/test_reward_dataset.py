@@ -8,7 +8,8 @@ import datasets
 import pytest
 import torch
 
-from rao_tune.data import RewardAnnotatedDataset, collate_reward_batch, reward_dataset
+from rao_tune.data import RewardAnnotatedDataset, collate_packed_batch, collate_reward_batch, reward_dataset
+from rao_tune.training.attention import prefix_sharing_mask
 
 
 def write_jsonl(path, rows):
@@ -213,17 +214,56 @@ def test_file_loader_without_files_is_refused(tmp_path, tokenizer, monkeypatch):
         reward_dataset(tokenizer, source="json")
 
 
-def test_collate_flattens_uneven_prompts_with_aligned_masks():
-    samples = [
-        {"prompt_tokens": [5, 6, 7], "response_tokens": [[8, 9], [10]], "rewards": [1.0, 0.0]},
-        {"prompt_tokens": [5, 11], "response_tokens": [[12, 13, 14]], "rewards": [0.5]},
-    ]
-    batch = collate_reward_batch(samples, pad_id=0)
+COLLATE_SAMPLES = [
+    {"prompt_tokens": [5, 6, 7], "response_tokens": [[8, 9], [10]], "rewards": [1.0, 0.0]},
+    {"prompt_tokens": [5, 11], "response_tokens": [[12, 13, 14]], "rewards": [0.5]},
+]
+
+
+def test_padded_collate_flattens_uneven_prompts_and_lists_scored_tokens():
+    batch = collate_reward_batch(COLLATE_SAMPLES, pad_id=0)
     assert batch["tokens"].tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 10, 0], [5, 11, 12, 13, 14]]
-    # position i is True when token i+1 belongs to the segment
-    assert batch["prompt_mask"].int().tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
-    assert batch["response_mask"].int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 0, 0], [0, 1, 1, 1, 0]]
+    # Flat position (row * 5 + column) predicting each target; segments: responses 0..2, prompts 3 + b.
+    # A prompt's own tokens are scored once, in its first response's row.
+    assert batch["logit_positions"].tolist() == [0, 1, 2, 3, 7, 10, 11, 12, 13]
+    assert batch["target_tokens"].tolist() == [6, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert batch["target_segments"].tolist() == [3, 3, 0, 0, 1, 4, 2, 2, 2]
+    assert batch["last_positions"].tolist() == [4, 8, 14]
     assert batch["prompt_ids"].tolist() == [0, 0, 1]
     assert batch["response_lengths"].tolist() == [2, 1, 3]
     assert batch["sequence_lengths"].tolist() == [5, 4, 5]
     assert batch["rewards"].tolist() == [1.0, 0.0, 0.5]
+    assert int(batch["useful_tokens"]) == 11
+    assert "segment_ids" not in batch  # plain causal attention
+
+
+def test_packed_collate_shares_each_prompt_and_isolates_responses():
+    batch = collate_packed_batch(COLLATE_SAMPLES, pad_id=0)
+    assert batch["tokens"].tolist() == [[5, 6, 7, 8, 9, 10, 5, 11, 12, 13, 14]]
+    assert batch["input_pos"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4]]  # responses continue the prompt
+    assert batch["group_ids"].tolist() == [[0] * 6 + [1] * 5]
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 0, 0, 3, 3, 3]]
+    # The prompt's last position (2) predicts the first token of both of its responses.
+    assert batch["logit_positions"].tolist() == [0, 1, 2, 3, 2, 6, 7, 8, 9]
+    assert batch["target_tokens"].tolist() == [6, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert batch["target_segments"].tolist() == [3, 3, 0, 0, 1, 4, 2, 2, 2]
+    assert batch["last_positions"].tolist() == [4, 5, 10]
+    assert int(batch["useful_tokens"]) == batch["tokens"].numel() == 11
+
+    mask = prefix_sharing_mask(batch["group_ids"], batch["segment_ids"])[0]
+    visible = {query: mask[query].nonzero().squeeze(-1).tolist() for query in range(11)}
+    assert visible[4] == [0, 1, 2, 3, 4]  # response 0: its prompt and itself
+    assert visible[5] == [0, 1, 2, 5]  # response 1: its prompt, not its sibling
+    assert visible[6] == [6]  # the second prompt starts afresh
+    assert visible[10] == [6, 7, 8, 9, 10]
+
+
+def test_packed_collate_fills_rows_up_to_the_budget_and_pads_only_the_tail():
+    batch = collate_packed_batch(COLLATE_SAMPLES, pad_id=0, max_row_tokens=6)
+    assert batch["tokens"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 11, 12, 13, 14, 0]]
+    assert batch["group_ids"].tolist() == [[0] * 6, [1] * 5 + [-1]]
+    mask = prefix_sharing_mask(batch["group_ids"], batch["segment_ids"])
+    assert mask[1, 5].nonzero().squeeze(-1).tolist() == [5]  # padding sees only padding
+    assert not mask[1, :5, 5].any()
+    with pytest.raises(ValueError, match="does not fit a packed row"):
+        collate_packed_batch(COLLATE_SAMPLES, pad_id=0, max_row_tokens=4)

@@ -1,4 +1,4 @@
-from rao_tune.data.collate import collate_reward_batch
+from rao_tune.data.collate import collate_packed_batch, collate_reward_batch
 from rao_tune.data.reward_dataset import (
     RewardAnnotatedDataset,
     reward_dataset,
@@ -11,6 +11,7 @@ from rao_tune.data.reward_dataset import (
 
 __all__ = [
     "RewardAnnotatedDataset",
+    "collate_packed_batch",
     "collate_reward_batch",
     "reward_dataset",
     "tokenize_conversation",

@@ -1,41 +1,124 @@
-"""Per-sequence log-probabilities from one forward pass, without full-vocabulary fp32 logits for the batch."""
+"""Per-sequence log-probabilities from one forward pass, without ever holding the batch's logits.
+
+The decoder runs up to its final norm; the output projection and the log-softmax then run fused, one chunk of
+scored tokens at a time (:class:`FusedTokenLogProbs`), and backward recomputes each chunk's logits instead of
+keeping them. Only the scored positions are projected (no padding, no last token of a sequence), and in backward
+only the tokens whose log-prob has a non-zero gradient (RAO's prompt term, for one, is detached).
+"""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.tensor import DTensor
+
+from rao_tune.training.attention import model_inputs
+
+DEFAULT_CHUNK_TOKENS = 1024
 
 
-def _next_token_logps(logits: Tensor, next_tokens: Tensor) -> Tensor:
-    """log p(next token) for one chunk of positions, computed in fp32."""
-    logits = logits.float()
-    return logits.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+class FusedTokenLogProbs(torch.autograd.Function):
+    """``log softmax(hidden @ weight.T)[t, targets[t]]`` for every row t, in fp32, one chunk of rows at a time.
 
-
-def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Return ``(response_logps, prompt_logps)``, each ``[N]``, from a single forward pass of ``model``.
-
-    The model should have ``set_num_output_chunks(k)`` applied: its logits then come as k chunks along
-    the sequence in the model's dtype, and each chunk is upcast and reduced to one log-prob per position
-    under activation checkpointing. So the fp32 logits of only one chunk exist at a time, in forward and in
-    backward.
+    Forward keeps ``hidden``, ``weight`` and one fp32 log-normaliser per row. With ``g`` the incoming gradient
+    and ``p = softmax(logits)``, the gradient of the logits is ``g * (onehot(target) - p)``; backward rebuilds
+    ``p`` chunk by chunk from the saved normalisers, so at most one chunk of logits exists at any time.
     """
-    tokens = batch["tokens"]
-    logits = model(tokens)
-    chunks = logits if isinstance(logits, list) else [logits]
-    # Position i predicts token i + 1; the last position predicts nothing (its masks are False).
-    next_tokens = torch.roll(tokens, shifts=-1, dims=1)
-    next_token_chunks = next_tokens.split([chunk.shape[1] for chunk in chunks], dim=1)
-    if torch.is_grad_enabled():
-        token_logps = [
-            checkpoint(_next_token_logps, chunk, targets, use_reentrant=False)
-            for chunk, targets in zip(chunks, next_token_chunks)
-        ]
-    else:
-        token_logps = [_next_token_logps(chunk, targets) for chunk, targets in zip(chunks, next_token_chunks)]
-    token_logps = torch.cat(token_logps, dim=1)
-    zero = token_logps.new_zeros(())
-    response_logps = torch.where(batch["response_mask"], token_logps, zero).sum(-1)
-    prompt_logps = torch.where(batch["prompt_mask"], token_logps, zero).sum(-1)
-    return response_logps, prompt_logps
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+        token_logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        log_normalisers = torch.empty_like(token_logps)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            logits = (hidden[rows] @ weight.T).float()
+            log_normalisers[rows] = torch.logsumexp(logits, dim=-1)
+            token_logps[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - log_normalisers[rows]
+        ctx.save_for_backward(hidden, weight, targets, log_normalisers)
+        ctx.chunk_tokens = chunk_tokens
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_logps: Tensor):
+        hidden, weight, targets, log_normalisers = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        # Tokens with zero gradient (e.g. RAO's detached prompt log-ratio) cost nothing in backward.
+        active = grad_logps.nonzero().squeeze(-1)
+        for start in range(0, active.numel(), ctx.chunk_tokens):
+            rows = active[start : start + ctx.chunk_tokens]
+            chunk_hidden = hidden[rows]
+            logits = (chunk_hidden @ weight.T).float()
+            grad_logits = torch.exp_(logits.sub_(log_normalisers[rows, None])).neg_()  # -softmax, in place
+            grad_logits.scatter_add_(-1, targets[rows, None], torch.ones_like(grad_logits[:, :1]))
+            grad_logits = (grad_logits * grad_logps[rows, None]).to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T, chunk_hidden)
+        return grad_hidden, grad_weight, None, None
+
+
+def fused_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
+    """``[T]`` fp32 log-probs of ``targets [T]`` under ``softmax(hidden [T, D] @ weight[V, D].T)``."""
+    return FusedTokenLogProbs.apply(hidden, weight, targets, chunk_tokens)
+
+
+def output_projection_weight(model: nn.Module) -> Tensor:
+    """The ``[vocab, dim]`` weight of a torchtune decoder's output projection (the embedding when tied, as in
+    Qwen2.5's small models)."""
+    output = model.output
+    return output.tied_module.weight if hasattr(output, "tied_module") else output.weight
+
+
+@contextmanager
+def _unembedding_to_logps(model: nn.Module, logit_positions: Tensor, targets: Tensor, chunk_tokens: int) -> Iterator[None]:
+    """Make ``model(...)`` return the fused log-probs of ``targets`` at ``logit_positions`` instead of logits.
+
+    torchtune 0.6.1's ``TransformerDecoder.unembed`` (final norm + projection) has no switch to skip the
+    projection (later releases added ``skip_output_layer``), so this instance's ``unembed`` is shadowed for the
+    call. The fused projection must run inside ``model.__call__``: FSDP2 holds the root module's parameters
+    (embedding, norm, output projection) unsharded only during its forward, and unshards them again for
+    backward when the gradient reaches the forward's output.
+    """
+
+    def unembed(hidden: Tensor) -> Tensor:
+        weight = output_projection_weight(model)
+        if isinstance(weight, DTensor):
+            raise ValueError(
+                "the output projection is still sharded inside the model's forward: it was sharded as an FSDP unit "
+                "of its own (custom_sharded_layers names 'output' or, for tied embeddings, 'tok_embeddings'). "
+                "Leave it to the root unit: fused log-probs project inside the root module's forward."
+            )
+        hidden = model.norm(hidden)
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logit_positions)
+        return fused_token_logps(hidden, weight, targets, chunk_tokens)
+
+    model.unembed = unembed
+    try:
+        yield
+    finally:
+        del model.unembed
+
+
+def token_logps(model: nn.Module, batch: dict[str, Tensor], *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
+    """``[T]`` fp32 log-probs of the batch's scored tokens (``target_tokens`` at ``logit_positions``), from one
+    forward pass of the decoder over either layout of :mod:`rao_tune.data.collate`."""
+    with _unembedding_to_logps(model, batch["logit_positions"], batch["target_tokens"], chunk_tokens):
+        return model(batch["tokens"], **model_inputs(batch))
+
+
+def sequence_logps(
+    model: nn.Module, batch: dict[str, Tensor], *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[Tensor, Tensor]:
+    """Return ``(response_logps, prompt_logps)``, each ``[N]`` fp32, from one forward pass of ``model``:
+    log pi(y | x) summed over each response's tokens, and log pi(x - t0 | t0) of its prompt."""
+    logps = token_logps(model, batch, chunk_tokens=chunk_tokens)
+    num_responses = batch["prompt_ids"].numel()
+    num_prompts = int(batch["prompt_ids"].max()) + 1
+    sums = logps.new_zeros(num_responses + num_prompts).index_add(0, batch["target_segments"], logps)
+    return sums[:num_responses], sums[num_responses:][batch["prompt_ids"]]
