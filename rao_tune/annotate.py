@@ -130,14 +130,14 @@ def _parse_shard(rows: UnscoredRows, start: int, stop: int, keep_columns: Sequen
 
 
 def _score_shard(parsed, scorer, batch_size: int, origin: str, progress) -> list[dict]:
-    """Score every response of the shard in length-sorted batches; return the output rows in input order."""
+    """Score every response of the shard in batches ordered by prompt length, a prompt's responses side by side
+    (a reward-model scorer then reads each prompt once); return the output rows in input order."""
     pairs = [(i, j) for i, (_, row, _) in enumerate(parsed) for j in range(len(row["responses"]))]
 
-    def length(pair):
-        _, row, messages = parsed[pair[0]]
-        return sum(len(m["content"]) for m in messages) + len(row["responses"][pair[1]])
+    def prompt_length(pair):
+        return sum(len(m["content"]) for m in parsed[pair[0]][2])
 
-    pairs.sort(key=length)  # stable: ties keep input order
+    pairs.sort(key=prompt_length)  # stable: a prompt's responses stay together and in order
     rewards = [[None] * len(row["responses"]) for _, row, _ in parsed]
     for begin in range(0, len(pairs), batch_size):
         batch = pairs[begin : begin + batch_size]

@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any, Iterator
+
+import torch
+
+
+@contextmanager
+def _atomic_file(path: Path, mode: str) -> Iterator[IO]:
+    """A temporary file beside ``path``, flushed to disk and renamed into place when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        with partial.open(mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    with partial.open("w", encoding="utf-8") as handle:
+    with _atomic_file(path, "w") as handle:
         handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+
+
+def torch_save_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` with the same guarantee as :func:`write_atomically`."""
+    with _atomic_file(path, "wb") as handle:
+        torch.save(obj, handle)

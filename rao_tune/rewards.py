@@ -4,7 +4,8 @@ A scorer has ``score(prompts, responses) -> list[float]``: ``prompts[i]`` is the
 answers, as a list of ``{"role", "content"}`` dicts. In a config, ``scorer`` is one of:
 
 - :class:`RewardModelScorer`: a trained reward model (:func:`rao_tune.models.reward_model`), read at the last
-  token of ``prompt + response`` tokenized in the model's chat format, exactly as the RAO dataset tokenizes.
+  token of ``prompt + response`` tokenized in the model's chat format, exactly as the RAO dataset tokenizes
+  (responses to the same prompt share one copy of it in packed rows).
 - :func:`python_reward` with ``function: my_module.my_reward``: any Python function ``(prompt, response) ->
   float`` (a rule-based reward).
 - any class whose instances are ``(prompt, response) -> float`` callables, given by ``_component_`` with its
@@ -25,8 +26,10 @@ from torch import nn
 from torchtune import config, training, utils
 from torchtune.data import Message
 
+from rao_tune.data.collate import collate_packed_batch
 from rao_tune.data.reward_dataset import tokenize_prompt_and_responses
 from rao_tune.models.reward import last_token_scores
+from rao_tune.training.attention import model_inputs
 
 
 Prompt = list[dict[str, str]]
@@ -78,25 +81,35 @@ class RewardModelScorer:
         self.pad_id = getattr(self.tokenizer, "pad_id", 0) or 0
         self.num_truncated = 0
 
-    def tokenize(self, prompt: Prompt, response: str) -> list[int]:
+    def tokenize(self, prompt: Prompt, response: str) -> tuple[list[int], list[int]]:
+        """Prompt tokens and response tokens, exactly as the RAO dataset tokenizes them; the end of the response
+        is cut first when the two exceed ``max_seq_len``."""
         messages = [Message(role=m["role"], content=m["content"], masked=True) for m in prompt]
         prompt_tokens, (response_tokens,) = tokenize_prompt_and_responses(self.tokenizer, messages, [response])
-        tokens = prompt_tokens + response_tokens
-        if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
+        if self.max_seq_len is not None and len(prompt_tokens) + len(response_tokens) > self.max_seq_len:
             self.num_truncated += 1
-            tokens = tokens[: self.max_seq_len]
-        return tokens
+            prompt_tokens = prompt_tokens[: self.max_seq_len - 1]
+            response_tokens = response_tokens[: self.max_seq_len - len(prompt_tokens)]
+        return prompt_tokens, response_tokens
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
-        """One forward pass over the right-padded batch; the reward is the head's output at the last token."""
-        sequences = [self.tokenize(prompt, response) for prompt, response in zip(prompts, responses)]
-        lengths = torch.tensor([len(seq) for seq in sequences])
-        tokens = torch.full((len(sequences), int(lengths.max())), self.pad_id, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        outputs = self.model(tokens.to(self.device))
-        return last_token_scores(outputs, lengths).cpu().tolist()
+        """One forward pass; the reward is the head's output at each response's last token. Consecutive
+        responses to the same prompt share one copy of it (packed, prefix-shared rows, no padding but the
+        rows' tails)."""
+        samples: list[dict] = []
+        for prompt, response in zip(prompts, responses):
+            prompt_tokens, response_tokens = self.tokenize(prompt, response)
+            if samples and samples[-1]["prompt_tokens"] == prompt_tokens:
+                samples[-1]["response_tokens"].append(response_tokens)
+            else:
+                samples.append({"prompt_tokens": prompt_tokens, "response_tokens": [response_tokens], "rewards": []})
+        for sample in samples:
+            sample["rewards"] = [0.0] * len(sample["response_tokens"])
+        batch = collate_packed_batch(samples, pad_id=self.pad_id, max_row_tokens=self.max_seq_len)
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        outputs = self.model(batch["tokens"], **model_inputs(batch))
+        return last_token_scores(outputs, batch["last_positions"]).cpu().tolist()
 
 
 def prompt_for_rule(prompt: Prompt) -> Union[str, Prompt]:

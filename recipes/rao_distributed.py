@@ -2,11 +2,12 @@
 
     tune run --nproc_per_node 8 recipes/rao_distributed.py --config configs/llama3_8b_rao.yaml loss.beta=0.1 loss.z0=50
 
-Reads top to bottom: ``setup`` builds policy, frozen reference (only if the loss needs one), tokenizer,
-reward-annotated data, optimizer and LR schedule from the config; ``train`` is the loop. Each step runs one
-forward pass per model over every response of the batch's prompts, turns it into per-sequence log-probs of
-the response and of the prompt after t0, and hands them to the loss module, whatever loss it is.
-Runs on CPU (gloo) and CUDA (nccl) from the same code.
+Reads top to bottom: ``setup`` builds the policy, tokenizer, reward-annotated data, the reference (only if the
+loss needs one: by default its log-probs are computed once, before training, and the reference model is then
+freed), optimizer and LR schedule from the config; ``train`` is the loop. Each step runs one forward pass of the
+policy over the batch's prompts, each followed once by all of its responses (packed, prefix-shared rows), reduces
+it to per-sequence log-probs of each response and of its prompt after t0 without materialising logits, and hands
+them to the loss module, whatever loss it is. Runs on CPU (gloo) and CUDA (nccl) from the same code.
 """
 
 from __future__ import annotations
@@ -17,15 +18,23 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 from torchtune import config, training, utils
 
 from rao_tune.losses import LossOutput, PreferenceLoss, ResponseLogProbs
 from rao_tune.training.checkpoint import instantiate_checkpointer
 from rao_tune.training.distributed import all_reduce_sum
-from rao_tune.training.logprobs import sequence_logps
+from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
 from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, preference_statistics
 from rao_tune.training.model import setup_fsdp_model
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
+from rao_tune.training.reference import (
+    ReferenceLogProbs,
+    WithReferenceLogProbs,
+    compute_reference_logps,
+    load_or_compute_reference_logps,
+    reference_fingerprint,
+)
 
 log = utils.get_logger("INFO")
 
@@ -34,24 +43,15 @@ class RAORecipeDistributed(DistributedRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
         checkpoint = self.setup_logger_and_checkpoint(cfg)
-        model_options = self.model_options(cfg)
+        self._model_options = self.model_options(cfg)
         self._model = setup_fsdp_model(
             cfg.model,
             checkpoint[training.MODEL_KEY],
             activation_checkpointing=cfg.enable_activation_checkpointing,
-            **model_options,
+            **self._model_options,
         )
-        self._model.set_num_output_chunks(cfg.get("num_output_chunks", 8))
-
+        self._chunk_tokens = cfg.get("logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
         self._loss_fn: PreferenceLoss = config.instantiate(cfg.loss)
-        self._ref_model = None
-        # A reference-free loss runs without one, unless asked to log true log-ratios for comparison with others.
-        if self._loss_fn.needs_reference or cfg.get("monitor_with_reference", False):
-            self._ref_model = setup_fsdp_model(
-                cfg.model, self._reference_state_dict(cfg, checkpoint), trainable=False, **model_options
-            )
-            self._ref_model.set_num_output_chunks(cfg.get("num_output_chunks", 8))
-        del checkpoint[training.MODEL_KEY]
 
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
@@ -59,36 +59,75 @@ class RAORecipeDistributed(DistributedRecipe):
             utils.log_rank_zero(log, f"loss calibrated on the training rewards: {name} = {value:.6g}")
             if self._is_rank_zero:
                 self._metric_logger.log(f"calibrated/{name}", value, step=0)
+        self._collate = self.reward_batch_collate(cfg, self._model)
 
-        self.setup_data_and_optimizer(cfg, self._model, checkpoint)
-        if self._ref_model is None:
-            reference = "none (reference-free loss: logratio_* metrics are log pi, not log pi/pi_ref)"
-        else:
-            reference = "yes" if self._loss_fn.needs_reference else "for metrics only (monitor_with_reference)"
+        # The reference: none for a reference-free loss (unless asked to log true log-ratios), else its
+        # log-probs computed once before training (default) or a second model run at every step.
+        self._ref_model = None
+        reference = "none (reference-free loss: logratio_* metrics are log pi, not log pi/pi_ref)"
+        if self._loss_fn.needs_reference or cfg.get("monitor_with_reference", False):
+            mode = cfg.get("reference_logps", "precomputed")
+            if mode == "precomputed":
+                self._dataset = WithReferenceLogProbs(self._dataset, self._precomputed_reference(cfg, checkpoint))
+            elif mode == "online":
+                self._ref_model = self._build_reference(cfg, checkpoint)
+            else:
+                raise ValueError(f"reference_logps must be 'precomputed' or 'online', got {mode!r}")
+            reference = f"{mode}{'' if self._loss_fn.needs_reference else ', for metrics only'}"
+        del checkpoint[training.MODEL_KEY]
+
+        self.setup_data_and_optimizer(cfg, self._model, checkpoint, self._collate)
         utils.log_rank_zero(
             log,
             f"{len(self._dataset)} prompts, {self._steps_per_epoch} steps per epoch, {self.world_size} processes, "
-            f"reference model: {reference}",
+            f"{'packed' if cfg.get('pack_responses', True) else 'padded'} batches, reference: {reference}",
         )
 
-    def _reference_state_dict(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> dict[str, Any]:
-        """The frozen reference: ``ref_checkpointer`` if configured, else the policy's starting checkpoint
+    def _build_reference(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> nn.Module:
+        """The frozen reference model: ``ref_checkpointer`` if configured, else the policy's starting checkpoint
         (re-read when resuming, since the policy then starts from a trained epoch)."""
-        if "ref_checkpointer" in cfg and cfg.ref_checkpointer is not None:
-            ref_checkpointer = config.instantiate(cfg.ref_checkpointer, should_load_recipe_state=False)
+        if cfg.get("ref_checkpointer") is not None:
+            state_dict = config.instantiate(cfg.ref_checkpointer, should_load_recipe_state=False).load_checkpoint()
         elif self._resume_from_checkpoint:
-            ref_checkpointer = instantiate_checkpointer(cfg.checkpointer, resume=False)
+            state_dict = instantiate_checkpointer(cfg.checkpointer, resume=False).load_checkpoint()
         else:
-            return checkpoint[training.MODEL_KEY]
-        return ref_checkpointer.load_checkpoint()[training.MODEL_KEY]
+            state_dict = checkpoint
+        return setup_fsdp_model(cfg.model, state_dict[training.MODEL_KEY], trainable=False, **self._model_options)
+
+    def _precomputed_reference(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> ReferenceLogProbs:
+        """Every example's reference log-probs, read from ``reference_logps_dir`` when this reference, model,
+        dtype and tokenized data were seen before, else computed now (then the reference model is freed)."""
+        reference_checkpointer = cfg.get("ref_checkpointer") or cfg.checkpointer
+
+        def compute() -> ReferenceLogProbs:
+            return compute_reference_logps(
+                self._build_reference(cfg, checkpoint),
+                self._dataset,
+                collate_fn=self._collate,
+                batch_size=cfg.get("reference_batch_size", cfg.batch_size),
+                device=self._device,
+                world_size=self.world_size,
+                rank=self.rank,
+                chunk_tokens=self._chunk_tokens,
+            )
+
+        return load_or_compute_reference_logps(
+            cfg.get("reference_logps_dir", None) or f"{cfg.output_dir}/reference_logps",
+            lambda: reference_fingerprint(reference_checkpointer, cfg.model, self._dtype, self._dataset),
+            compute,
+            rank=self.rank,
+        )
 
     # ------------------------------------------------------------------ one micro-batch
     def _loss_step(self, batch: dict[str, torch.Tensor]) -> tuple[LossOutput, ResponseLogProbs]:
-        policy_logps, policy_prompt_logps = sequence_logps(self._model, batch)
-        reference_logps = reference_prompt_logps = None
+        policy_logps, policy_prompt_logps = sequence_logps(self._model, batch, chunk_tokens=self._chunk_tokens)
+        reference_logps = batch.get("reference_logps")
+        reference_prompt_logps = batch.get("reference_prompt_logps")
         if self._ref_model is not None:
             with torch.no_grad():
-                reference_logps, reference_prompt_logps = sequence_logps(self._ref_model, batch)
+                reference_logps, reference_prompt_logps = sequence_logps(
+                    self._ref_model, batch, chunk_tokens=self._chunk_tokens
+                )
         logps = ResponseLogProbs(
             policy_logps=policy_logps,
             policy_prompt_logps=policy_prompt_logps,
@@ -118,7 +157,7 @@ class RAORecipeDistributed(DistributedRecipe):
                     step_sums,
                     {
                         "loss": output.loss.item(),
-                        "tokens": float(batch["prompt_mask"].sum() + batch["response_mask"].sum() + len(log_ratios)),
+                        "tokens": float(batch["useful_tokens"]),
                         **preference_statistics(output.implicit_rewards, log_ratios, logps.rewards, logps.prompt_ids),
                     },
                 )

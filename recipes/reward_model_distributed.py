@@ -4,7 +4,8 @@
 
 Reads top to bottom: ``setup`` builds the reward model (a decoder with a one-output score head, from a base or SFT
 checkpoint, head drawn from the seed), tokenizer, the training and held-out data, optimizer and LR schedule;
-``train`` is the loop. Each step scores every response of the batch's prompts at its last token, builds
+``train`` is the loop. Each step scores every response of the batch's prompts at its last token (each prompt
+once, followed by its responses, in packed prefix-shared rows unless ``pack_responses=False``), builds
 preference pairs from the rewards (``loss.pairs``), and minimises -log sigmoid(r_w - r_l). Every epoch ends with
 the held-out loss and accuracy (Table 1's two figures) and an HF ``*ForSequenceClassification`` checkpoint.
 Runs on CPU (gloo) and CUDA (nccl) from the same code.
@@ -19,9 +20,9 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 
-from rao_tune.data import collate_reward_batch
 from rao_tune.losses import BradleyTerryLoss, PairwiseOutput
 from rao_tune.models import last_token_scores
+from rao_tune.training.attention import model_inputs
 from rao_tune.training.distributed import all_reduce_sum
 from rao_tune.training.loop import sharded_eval_batches
 from rao_tune.training.model import setup_fsdp_model
@@ -68,7 +69,8 @@ class RewardModelRecipeDistributed(DistributedRecipe):
         if cfg.get("eval_dataset") is not None:
             self._eval_dataset = config.instantiate(cfg.eval_dataset, self._tokenizer)
         self._eval_batch_size = cfg.get("eval_batch_size", cfg.batch_size)
-        self.setup_data_and_optimizer(cfg, self._model, checkpoint)
+        self._collate = self.reward_batch_collate(cfg, self._model)
+        self.setup_data_and_optimizer(cfg, self._model, checkpoint, self._collate)
         utils.log_rank_zero(
             log,
             f"{len(self._dataset)} training prompts, {len(self._eval_dataset) if self._eval_dataset else 0} held-out, "
@@ -77,7 +79,7 @@ class RewardModelRecipeDistributed(DistributedRecipe):
 
     # ------------------------------------------------------------------ one micro-batch
     def _pairwise_step(self, batch: dict[str, torch.Tensor]) -> PairwiseOutput:
-        scores = last_token_scores(self._model(batch["tokens"]), batch["sequence_lengths"])
+        scores = last_token_scores(self._model(batch["tokens"], **model_inputs(batch)), batch["last_positions"])
         return self._loss_fn(scores, batch["rewards"], batch["prompt_ids"])
 
     # ------------------------------------------------------------------ held-out loss and accuracy
@@ -89,7 +91,7 @@ class RewardModelRecipeDistributed(DistributedRecipe):
             self._eval_dataset, batch_size=self._eval_batch_size, world_size=self.world_size, rank=self.rank
         )
         for samples, real in batches:
-            batch = collate_reward_batch(samples, pad_id=self._tokenizer.pad_id)
+            batch = self._collate(samples)
             batch = {key: value.to(self._device) for key, value in batch.items()}
             output = self._pairwise_step(batch)  # every rank runs the forward: FSDP gathers are collective
             if all(real):
@@ -107,7 +109,7 @@ class RewardModelRecipeDistributed(DistributedRecipe):
             for micro_step, batch in self.micro_batches(epoch):
                 output = self._pairwise_step(batch)
                 (output.loss / self._gradient_accumulation_steps).backward()
-                sums = {**pair_sums(output), "tokens": float(batch["sequence_lengths"].sum())}
+                sums = {**pair_sums(output), "tokens": float(batch["useful_tokens"])}
                 step_sums = {key: step_sums.get(key, 0.0) + value for key, value in sums.items()}
                 if not self.closes_step(micro_step):
                     continue

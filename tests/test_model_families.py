@@ -115,7 +115,7 @@ def test_reward_model_round_trip_through_transformers(tmp_path, family_assets, f
     hf_model = AutoModelForSequenceClassification.from_pretrained(saved, dtype=torch.float32)
     assert type(hf_model).__name__ == f"{HF_CLASSES[family]}ForSequenceClassification"
     with torch.no_grad():
-        ours = last_token_scores(model(tokens), lengths)
+        ours = last_token_scores(model(tokens), torch.arange(len(sequences)) * width + lengths - 1)
         torch.testing.assert_close(hf_model(tokens).logits.squeeze(-1), ours, atol=1e-5, rtol=1e-5)
 
 

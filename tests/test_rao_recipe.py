@@ -9,10 +9,11 @@ import torch
 from torchtune import training
 from torchtune.models.llama3 import llama3
 
-from rao_tune.data import collate_reward_batch, reward_dataset
+from rao_tune.data import collate_packed_batch, collate_reward_batch, reward_dataset
 from rao_tune.losses import RAOLoss
 from rao_tune.training.logprobs import sequence_logps
 from rao_tune.training.metrics import read_disk_log
+from rao_tune.training.reference import compute_reference_logps
 
 from conftest import REPO_ROOT
 from recipe_runner import (
@@ -99,6 +100,34 @@ def test_one_process_trains_raises_best_responses_and_saves_hf(monkeypatch, tmp_
         torch.testing.assert_close(hf_model(tokens).logits, policy(tokens), atol=1e-4, rtol=1e-4)
 
 
+def count_models_built(monkeypatch, recipe):
+    """Make ``recipe`` count the FSDP models it builds (policy, reference)."""
+    built = []
+    original = recipe.setup_fsdp_model
+    monkeypatch.setattr(recipe, "setup_fsdp_model", lambda *args, **kwargs: built.append(1) or original(*args, **kwargs))
+    return built
+
+
+@pytest.mark.parametrize("loss", ["rao", "dpo", "simpo"])
+def test_packed_run_with_precomputed_reference_matches_padded_online_run(monkeypatch, tmp_path, tiny_assets, loss):
+    """The tiny configs' defaults (packed prefix-shared rows, fused log-probs, reference log-probs computed once)
+    train exactly like one padded row per response with the reference model run at every step."""
+    config = REPO_ROOT / "configs" / f"tiny_{loss}.yaml"
+    common = [f"assets_dir={tiny_assets['out_dir']}", "epochs=1", "max_steps_per_epoch=6"]
+    run_recipe_in_process(monkeypatch, load_recipe_module(), config, f"output_dir={tmp_path / 'cheap'}", *common)
+    run_recipe_in_process(monkeypatch, load_recipe_module(), config, f"output_dir={tmp_path / 'plain'}", *common,
+                          "pack_responses=False", "reference_logps=online")
+    cheap, plain = logged_steps(tmp_path / "cheap"), logged_steps(tmp_path / "plain")
+    for step in range(1, 7):
+        for key in ("loss", "grad_norm", "implicit_reward", "logratio_best", "logratio_worst"):
+            assert cheap[step][key] == pytest.approx(plain[step][key], rel=1e-4, abs=1e-6), (step, key)
+    cheap_weights = load_tune_model(tmp_path / "cheap" / "epoch_0", tiny_assets, tmp_path).state_dict()
+    plain_weights = load_tune_model(tmp_path / "plain" / "epoch_0", tiny_assets, tmp_path).state_dict()
+    for name, value in plain_weights.items():
+        torch.testing.assert_close(cheap_weights[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    assert (tmp_path / "cheap" / "reference_logps").exists() == (loss != "simpo")
+
+
 def test_resumed_run_reproduces_uninterrupted_run(monkeypatch, tmp_path, tiny_assets):
     settings = ["epochs=2", "max_steps_per_epoch=5"]
     run_in_process(monkeypatch, tiny_assets, tmp_path / "full", *settings)
@@ -111,7 +140,12 @@ def test_resumed_run_reproduces_uninterrupted_run(monkeypatch, tmp_path, tiny_as
     for log_file in (tmp_path / "resumed" / "logs").glob("*.txt"):
         log_file.rename(log_file.with_suffix(".first"))
 
-    run_in_process(monkeypatch, tiny_assets, tmp_path / "resumed", *settings, "resume_from_checkpoint=True")
+    recipe = load_recipe_module()
+    built = count_models_built(monkeypatch, recipe)
+    run_in_process(monkeypatch, tiny_assets, tmp_path / "resumed", *settings, "resume_from_checkpoint=True",
+                   recipe=recipe)
+    assert len(built) == 1  # the policy: the reference log-probs computed before the crash are reused
+    assert len(list((tmp_path / "resumed" / "reference_logps").glob("*.pt"))) == 1
     full, resumed = logged_steps(tmp_path / "full"), logged_steps(tmp_path / "resumed")
     assert sorted(s for s in resumed if s > 0) == [6, 7, 8, 9, 10]
     for step in range(6, 11):
@@ -161,6 +195,16 @@ def test_two_processes_train_with_gloo(tmp_path, tiny_assets, tokenizer):
     reference = load_tune_model(tiny_assets["checkpoint_dir"], tiny_assets, tmp_path)
     best, worst = best_and_worst_logratios(tiny_assets, tokenizer, policy, reference)
     assert best > 0.5 and worst < best - 1.0
+
+    # Each process computed the reference log-probs of half the prompts; together they equal one process's.
+    (table_path,) = (output_dir / "reference_logps").glob("*.pt")
+    stored = torch.load(table_path, weights_only=True)
+    dataset = reward_dataset(tokenizer, source="json", data_files=str(tiny_assets["train_data_path"]), max_seq_len=128)
+    one_process = compute_reference_logps(
+        reference.requires_grad_(False), dataset, collate_fn=partial(collate_packed_batch, max_row_tokens=256),
+        batch_size=4, device=torch.device("cpu"), world_size=1, rank=0, chunk_tokens=1024)
+    torch.testing.assert_close(stored["response_logps"], one_process.response_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stored["prompt_logps"], one_process.prompt_logps, rtol=1e-5, atol=1e-5)
 
 
 def test_llama3_8b_config_runs_two_steps_with_its_tiny_sibling(monkeypatch, tmp_path, tiny_assets):

@@ -11,11 +11,13 @@ from safetensors.torch import load_file
 from torchtune import training
 from transformers import AutoModelForSequenceClassification
 
+from rao_tune.data import collate_packed_batch, collate_reward_batch
 from rao_tune.losses import BradleyTerryLoss, preference_pairs
 from rao_tune.losses.functional import bradley_terry_loss, pairwise_accuracy
 from rao_tune.models import RewardModelHFCheckpointer, init_score_head, last_token_scores, reward_model
 from rao_tune.tiny import build_llama3_checkpoint, build_qwen2_checkpoint
 from rao_tune.training.checkpoint import instantiate_checkpointer
+from rao_tune.training.attention import model_inputs
 from rao_tune.training.loop import sharded_eval_batches
 
 
@@ -84,9 +86,28 @@ def test_score_head_depends_on_the_seed_only():
     assert first.shape == (1, 64)
 
 
-def test_last_token_scores_reads_each_sequences_last_real_token():
+def test_last_token_scores_read_the_flat_positions_of_each_responses_last_token():
     outputs = torch.arange(12, dtype=torch.float32).reshape(2, 6, 1)
-    assert last_token_scores(outputs, torch.tensor([6, 3])).tolist() == [5.0, 8.0]  # rows hold 0..5 and 6..11
+    # a response ending at row 0, column 5 and one at row 1, column 2 (a packed row may hold several)
+    assert last_token_scores(outputs, torch.tensor([5, 8])).tolist() == [5.0, 8.0]
+
+
+def test_packed_scores_equal_padded_scores():
+    torch.manual_seed(0)
+    model = reward_model("torchtune.models.llama3.llama3", vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         embed_dim=32, intermediate_dim=64, max_seq_len=64).eval()
+    samples = [
+        {"prompt_tokens": [1, 5, 6], "response_tokens": [[7, 8, 9], [10], [11, 12]], "rewards": [0.0, 1.0, 2.0]},
+        {"prompt_tokens": [1, 13], "response_tokens": [[14, 15, 16, 17]], "rewards": [3.0]},
+    ]
+    with torch.no_grad():
+        padded = collate_reward_batch(samples, pad_id=0)
+        packed = collate_packed_batch(samples, pad_id=0)
+        padded_scores = last_token_scores(model(padded["tokens"]), padded["last_positions"])
+        packed_scores = last_token_scores(model(packed["tokens"], **model_inputs(packed)), packed["last_positions"])
+        alone = [model(torch.tensor([s["prompt_tokens"] + r]))[0, -1, 0] for s in samples for r in s["response_tokens"]]
+    torch.testing.assert_close(packed_scores, torch.stack(alone), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_scores, torch.stack(alone), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -104,9 +125,9 @@ def test_sharded_eval_batches_cover_every_example_once_with_equal_batch_counts(w
 def _hf_and_ours_scores(saved_dir, ours, pad_id):
     hf_model = AutoModelForSequenceClassification.from_pretrained(saved_dir, torch_dtype=torch.float32)
     tokens = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 11, 12, pad_id, pad_id, pad_id], [5, 13, 14, 15, 16, pad_id]])
-    lengths = torch.tensor([6, 3, 5])
+    last_positions = torch.tensor([0 * 6 + 5, 1 * 6 + 2, 2 * 6 + 4])  # row * width + length - 1
     with torch.no_grad():
-        return hf_model, hf_model(tokens).logits.squeeze(-1), last_token_scores(ours(tokens), lengths)
+        return hf_model, hf_model(tokens).logits.squeeze(-1), last_token_scores(ours(tokens), last_positions)
 
 
 @pytest.mark.parametrize("family", ["LLAMA3", "QWEN2"])

@@ -8,8 +8,9 @@ import torch
 from torchtune import training
 from transformers import AutoModelForSequenceClassification
 
-from rao_tune.data import collate_reward_batch, reward_dataset
+from rao_tune.data import collate_packed_batch, collate_reward_batch, reward_dataset
 from rao_tune.models import RewardModelHFCheckpointer, last_token_scores, reward_model
+from rao_tune.training.attention import model_inputs
 from rao_tune.training.metrics import read_disk_log
 
 from conftest import REPO_ROOT
@@ -30,9 +31,11 @@ def train(monkeypatch, tiny_assets, output_dir, *overrides, recipe=None):
     run_recipe_in_process(monkeypatch, recipe or load_recipe("reward_model_distributed"), CONFIG, *args)
 
 
-def heldout_batch(tiny_assets, tokenizer):
+def heldout_batches(tiny_assets, tokenizer):
     dataset = reward_dataset(tokenizer, source="json", data_files=str(tiny_assets["preference_heldout_path"]))
-    return collate_reward_batch([dataset[i] for i in range(len(dataset))], pad_id=tokenizer.pad_id)
+    samples = [dataset[i] for i in range(len(dataset))]
+    padded = collate_reward_batch(samples, pad_id=tokenizer.pad_id)
+    return padded, collate_packed_batch(samples, pad_id=tokenizer.pad_id, max_row_tokens=256)
 
 
 def test_reward_model_learns_the_preference_and_saves_for_transformers(monkeypatch, tmp_path, tiny_assets, tokenizer):
@@ -48,10 +51,11 @@ def test_reward_model_learns_the_preference_and_saves_for_transformers(monkeypat
     hf_model = AutoModelForSequenceClassification.from_pretrained(saved, torch_dtype=torch.float32).eval()
     ours = reward_model("torchtune.models.llama3.llama3", **tiny_assets["model_kwargs"])
     ours.load_state_dict(RewardModelHFCheckpointer(str(saved), str(tmp_path / "x")).load_checkpoint()[training.MODEL_KEY])
-    batch = heldout_batch(tiny_assets, tokenizer)
+    batch, packed = heldout_batches(tiny_assets, tokenizer)
     with torch.no_grad():
-        hf_scores = hf_model(batch["tokens"]).logits.squeeze(-1)
-        our_scores = last_token_scores(ours.eval()(batch["tokens"]), batch["sequence_lengths"])
+        hf_scores = hf_model(batch["tokens"]).logits.squeeze(-1)  # padded rows, one per response
+        # ours over packed rows: each prompt once, its responses after it
+        our_scores = last_token_scores(ours.eval()(packed["tokens"], **model_inputs(packed)), packed["last_positions"])
     torch.testing.assert_close(hf_scores, our_scores, atol=1e-4, rtol=1e-4)
     # transformers' scores order the held-out pairs as the logged accuracy says
     chosen = batch["rewards"] == 1.0

@@ -37,7 +37,7 @@ class ScoreHead(nn.Linear):
 def reward_model(decoder: Union[str, Callable[..., nn.Module]], **decoder_kwargs: Any) -> nn.Module:
     """``decoder(**decoder_kwargs)`` with its vocabulary projection replaced by a one-output :class:`ScoreHead`
     (no bias, as HF's ``*ForSequenceClassification.score``; computed in fp32). The model returns ``[batch, seq, 1]``; read the
-    reward at each sequence's last token with :func:`last_token_scores`.
+    reward at each response's last token with :func:`last_token_scores`.
 
     YAML::
 
@@ -60,10 +60,10 @@ def init_score_head(hidden_size: int, seed: int, dtype: torch.dtype = torch.floa
     return head.to(dtype)
 
 
-def last_token_scores(outputs: Tensor, sequence_lengths: Tensor) -> Tensor:
-    """The reward of each right-padded sequence: the head's output at its last real token. ``outputs`` is
-    ``[N, S, 1]`` (or a list of sequence chunks), ``sequence_lengths`` is ``[N]``; returns fp32 ``[N]``."""
+def last_token_scores(outputs: Tensor, last_positions: Tensor) -> Tensor:
+    """The reward of each response: the head's output at its last token. ``outputs`` is ``[R, S, 1]`` (or a list
+    of sequence chunks) over rows of either batch layout, ``last_positions`` ``[N]`` the flat index
+    (row * S + column) of each response's last token (the collators' ``last_positions``); returns fp32 ``[N]``."""
     if isinstance(outputs, list):
         outputs = torch.cat(outputs, dim=1)
-    last = (sequence_lengths - 1).to(outputs.device)
-    return outputs[torch.arange(outputs.shape[0], device=outputs.device), last, 0].float()
+    return outputs.reshape(-1)[last_positions.to(outputs.device)].float()

@@ -4,7 +4,6 @@ schedule set-up (with resume), one guarded optimizer step, and evenly sharded ev
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -13,7 +12,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchtune import config, training
 
-from rao_tune.data import collate_reward_batch
 
 
 def build_dataloader(
@@ -24,19 +22,18 @@ def build_dataloader(
     rank: int,
     shuffle: bool,
     seed: int,
-    pad_id: int,
-    collate_fn: Optional[Callable[[list], dict]] = None,
+    collate_fn: Callable[[list], dict],
 ) -> tuple[DistributedSampler, DataLoader]:
-    """Each rank gets ``batch_size`` examples (prompts with all their responses, by default) per micro-batch; the
-    last partial batch is dropped so every rank and micro-batch holds the same number of them and means of means
-    stay exact. ``collate_fn`` defaults to :func:`collate_reward_batch` padded with ``pad_id``."""
+    """Each rank gets ``batch_size`` examples (prompts with all their responses, for preference data) per
+    micro-batch; the last partial batch is dropped so every rank and micro-batch holds the same number of them
+    and means of means stay exact."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=True,
-        collate_fn=collate_fn or partial(collate_reward_batch, pad_id=pad_id),
+        collate_fn=collate_fn,
     )
     return sampler, loader
 
@@ -120,16 +117,22 @@ def recipe_state(
     }
 
 
+def sharded_indices(num_examples: int, *, batch_size: int, world_size: int, rank: int) -> Iterator[list[int]]:
+    """This rank's share of ``range(num_examples)`` in batches: every index exactly once over all ranks, in the
+    same number of batches on every rank (FSDP's forward is collective). A rank that has run out gets empty
+    batches, on which it still runs a forward pass (on any example) and keeps nothing."""
+    own = list(range(rank, num_examples, world_size))
+    num_batches = math.ceil(math.ceil(num_examples / world_size) / batch_size)
+    for batch_index in range(num_batches):
+        yield own[batch_index * batch_size : (batch_index + 1) * batch_size]
+
+
 def sharded_eval_batches(
     dataset: Sequence[dict], *, batch_size: int, world_size: int, rank: int
 ) -> Iterator[tuple[list[dict], list[bool]]]:
-    """Every example exactly once over all ranks, in the same number of batches on every rank (FSDP's forward is
-    collective). A rank that runs out of examples gets a one-example batch flagged False, to be left out of
-    metrics."""
-    own = list(range(rank, len(dataset), world_size))
-    num_batches = math.ceil(math.ceil(len(dataset) / world_size) / batch_size)
-    for batch_index in range(num_batches):
-        indices = own[batch_index * batch_size : (batch_index + 1) * batch_size]
+    """:func:`sharded_indices` as examples: a rank that runs out of examples gets a one-example batch flagged
+    False, to be left out of metrics."""
+    for indices in sharded_indices(len(dataset), batch_size=batch_size, world_size=world_size, rank=rank):
         if indices:
             yield [dataset[i] for i in indices], [True] * len(indices)
         else:

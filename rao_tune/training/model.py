@@ -25,14 +25,19 @@ def setup_fsdp_model(
     cpu_offload: bool = False,
     custom_sharded_layers: Optional[list[str]] = None,
     trainable: bool = True,
+    compile: bool = False,
 ) -> nn.Module:
     """Instantiate ``cfg_model`` on the meta device, shard it with FSDP2 and load ``state_dict`` into the shards.
 
     Building on meta and loading shard by shard keeps every rank's peak memory at one shard of the model.
     A non-trainable model (the frozen reference) gets no activation checkpointing and no gradients.
+    ``compile`` compiles each decoder layer with ``torch.compile`` (torchtune's per-layer compile; the first
+    steps then take minutes, so it stays off on CPU and in tests).
     """
     with training.set_default_dtype(dtype), torch.device("meta"):
         model = config.instantiate(cfg_model)
+    if compile:
+        training.compile_model(model, verbose=False)
 
     if activation_checkpointing and trainable:
         training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})

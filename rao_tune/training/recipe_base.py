@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from torchtune import config, training, utils
 from tqdm import tqdm
 
+from rao_tune.data import collate_packed_batch, collate_reward_batch
 from rao_tune.training.checkpoint import check_resume_state, instantiate_checkpointer, save_epoch_checkpoint
 from rao_tune.training.distributed import init_distributed
 from rao_tune.training.loop import (
@@ -71,13 +73,23 @@ class DistributedRecipe:
             reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
             cpu_offload=cfg.get("fsdp_cpu_offload", False),
             custom_sharded_layers=cfg.get("custom_sharded_layers", None),
+            compile=cfg.get("compile", False),
         )
 
+    def reward_batch_collate(self, cfg: DictConfig, model: nn.Module) -> Callable[[list], dict[str, torch.Tensor]]:
+        """How prompts with their responses become a micro-batch: packed and prefix-shared (``pack_responses``,
+        the default: each prompt once, rows of at most ``max_row_tokens``, default the model's ``max_seq_len``)
+        or one right-padded row per response."""
+        if not cfg.get("pack_responses", True):
+            return partial(collate_reward_batch, pad_id=self._tokenizer.pad_id)
+        max_row_tokens = cfg.get("max_row_tokens", None) or model.max_seq_len
+        return partial(collate_packed_batch, pad_id=self._tokenizer.pad_id, max_row_tokens=max_row_tokens)
+
     def setup_data_and_optimizer(
-        self, cfg: DictConfig, model: nn.Module, checkpoint: dict[str, Any], collate_fn: Callable | None = None
+        self, cfg: DictConfig, model: nn.Module, checkpoint: dict[str, Any], collate_fn: Callable
     ) -> None:
-        """Loader over ``self._dataset`` (reward-annotated batches unless ``collate_fn``), steps per epoch, and the
-        optimizer and schedule of ``model``."""
+        """Loader over ``self._dataset`` (batches made by ``collate_fn``), steps per epoch, and the optimizer and
+        schedule of ``model``."""
         self._sampler, self._dataloader = build_dataloader(
             self._dataset,
             batch_size=cfg.batch_size,
@@ -85,7 +97,6 @@ class DistributedRecipe:
             rank=self.rank,
             shuffle=cfg.shuffle,
             seed=self.seed,
-            pad_id=self._tokenizer.pad_id,
             collate_fn=collate_fn,
         )
         self._steps_per_epoch = steps_per_epoch(
