@@ -26,10 +26,10 @@ from torch import nn
 from torchtune import config, training, utils
 from torchtune.data import Message
 
-from rao_tune.data.collate import collate_packed_batch
+from rao_tune.data.collate import longest_sequence
 from rao_tune.data.reward_dataset import tokenize_prompt_and_responses
 from rao_tune.models.reward import last_token_scores
-from rao_tune.training.attention import model_inputs
+from rao_tune.training.attention import model_inputs, packed_collator
 
 
 Prompt = list[dict[str, str]]
@@ -106,7 +106,9 @@ class RewardModelScorer:
                 samples.append({"prompt_tokens": prompt_tokens, "response_tokens": [response_tokens], "rewards": []})
         for sample in samples:
             sample["rewards"] = [0.0] * len(sample["response_tokens"])
-        batch = collate_packed_batch(samples, pad_id=self.pad_id, max_row_tokens=self.max_seq_len)
+        collate = packed_collator(pad_id=self.pad_id, device=self.device, longest=longest_sequence(samples),
+                                  model_max_seq_len=self.model.max_seq_len)
+        batch = collate(samples)
         batch = {key: value.to(self.device) for key, value in batch.items()}
         outputs = self.model(batch["tokens"], **model_inputs(batch))
         return last_token_scores(outputs, batch["last_positions"]).cpu().tolist()

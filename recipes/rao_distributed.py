@@ -59,7 +59,7 @@ class RAORecipeDistributed(DistributedRecipe):
             utils.log_rank_zero(log, f"loss calibrated on the training rewards: {name} = {value:.6g}")
             if self._is_rank_zero:
                 self._metric_logger.log(f"calibrated/{name}", value, step=0)
-        self._collate = self.reward_batch_collate(cfg, self._model)
+        self._collate = self.batch_collator(cfg, self._model, self._dataset)
 
         # The reference: none for a reference-free loss (unless asked to log true log-ratios), else its
         # log-probs computed once before training (default) or a second model run at every step.

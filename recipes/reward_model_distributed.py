@@ -69,7 +69,7 @@ class RewardModelRecipeDistributed(DistributedRecipe):
         if cfg.get("eval_dataset") is not None:
             self._eval_dataset = config.instantiate(cfg.eval_dataset, self._tokenizer)
         self._eval_batch_size = cfg.get("eval_batch_size", cfg.batch_size)
-        self._collate = self.reward_batch_collate(cfg, self._model)
+        self._collate = self.batch_collator(cfg, self._model, self._dataset, self._eval_dataset)
         self.setup_data_and_optimizer(cfg, self._model, checkpoint, self._collate)
         utils.log_rank_zero(
             log,

@@ -2,6 +2,8 @@
 padded batches, a precomputed vs an online reference; for a point-wise loss (RAO), a pairwise one (DPO) and a
 reference-free one (SimPO), with 1 to 4 responses per prompt."""
 
+import os
+
 import pytest
 import torch
 
@@ -129,10 +131,15 @@ def test_fingerprint_follows_weights_model_dtype_and_tokens(tmp_path):
     assert fingerprint(cfg_model=OmegaConf.merge(model, {"vocab_size": 98})) != base
     other_tokens = [dict(SAMPLES[0], response_tokens=[[8, 9, 4], [10, 3]]), *SAMPLES[1:]]
     assert fingerprint(samples=other_tokens) != base
+    stat = weights.stat()
     data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 1  # a retrained checkpoint of the same size
+    data[len(data) // 2] ^= 1  # a retrained checkpoint of the same size, even with the old modification time
     weights.write_bytes(bytes(data))
-    assert fingerprint() != base
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = fingerprint()
+    assert changed != base
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched or copied: recomputed, to be safe
+    assert fingerprint() != changed
     # HF's sharded naming, as the 8B configs give it
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"x")
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"y")

@@ -104,3 +104,18 @@ def test_reference_model_without_gradients():
     with torch.no_grad():
         response_logps, _ = sequence_logps(model, collate_packed_batch(SAMPLES))
     torch.testing.assert_close(response_logps, direct_batch(model, SAMPLES)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_block_mask_follows_the_dense_rule():
+    """CUDA runs use a flex-attention BlockMask; its mask function must allow exactly what the dense mask does."""
+    from rao_tune.training.attention import prefix_sharing_block_mask, prefix_sharing_mask
+
+    batch = collate_packed_batch(SAMPLES, max_row_tokens=16)
+    group_ids, segment_ids = batch["group_ids"], batch["segment_ids"]
+    block_mask = prefix_sharing_block_mask(group_ids, segment_ids)
+    rows, length = group_ids.shape
+    query = torch.arange(length)[:, None]
+    key = torch.arange(length)[None, :]
+    from_mask_mod = torch.stack([block_mask.mask_mod(torch.tensor(row), torch.tensor(0), query, key)
+                                 for row in range(rows)])
+    assert torch.equal(from_mask_mod, prefix_sharing_mask(group_ids, segment_ids))

@@ -128,6 +128,13 @@ def test_packed_run_with_precomputed_reference_matches_padded_online_run(monkeyp
     assert (tmp_path / "cheap" / "reference_logps").exists() == (loss != "simpo")
 
 
+def test_a_row_budget_too_small_for_the_data_stops_before_training(monkeypatch, tmp_path, tiny_assets):
+    # The tiny data's longest prompt + response has 51 tokens.
+    with pytest.raises(ValueError, match=r"max_row_tokens=40 must hold the longest prompt \+ response of the data \(51"):
+        run_in_process(monkeypatch, tiny_assets, tmp_path / "run", "max_row_tokens=40")
+    assert not (tmp_path / "run" / "reference_logps").exists()
+
+
 def test_resumed_run_reproduces_uninterrupted_run(monkeypatch, tmp_path, tiny_assets):
     settings = ["epochs=2", "max_steps_per_epoch=5"]
     run_in_process(monkeypatch, tiny_assets, tmp_path / "full", *settings)

@@ -267,3 +267,7 @@ def test_packed_collate_fills_rows_up_to_the_budget_and_pads_only_the_tail():
     assert not mask[1, :5, 5].any()
     with pytest.raises(ValueError, match="does not fit a packed row"):
         collate_packed_batch(COLLATE_SAMPLES, pad_id=0, max_row_tokens=4)
+    # fixed-width rows (flex attention on CUDA compiles for one shape): same content, padded to the budget
+    fixed = collate_packed_batch(COLLATE_SAMPLES, pad_id=0, max_row_tokens=8, fixed_width=True)
+    assert fixed["tokens"].tolist() == [[5, 6, 7, 8, 9, 10, 0, 0], [5, 11, 12, 13, 14, 0, 0, 0]]
+    assert fixed["last_positions"].tolist() == [4, 5, 8 + 4]

@@ -29,6 +29,8 @@ class _BatchBuilder:
     """Collects rows of tokens and the scored (position, target, segment) triples of either layout."""
 
     def __init__(self, samples: Sequence[dict]) -> None:
+        if any(not sample["response_tokens"] for sample in samples):
+            raise ValueError("every prompt of a batch needs at least one response")
         self.samples = samples
         self.rows: list[dict[str, list[int]]] = []
         self.num_responses = sum(len(sample["response_tokens"]) for sample in samples)
@@ -62,8 +64,8 @@ class _BatchBuilder:
         self.targets += [(row, column, token, response_index) for column, token in zip(predictors, response)]
         self.last_token[response_index] = (row, start + len(response) - 1)
 
-    def build(self, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-        width = max(len(row["tokens"]) for row in self.rows)
+    def build(self, pad_id: int, packed: bool, width: Optional[int] = None) -> dict[str, torch.Tensor]:
+        width = width or max(len(row["tokens"]) for row in self.rows)
 
         def padded(field: str, fill: int) -> torch.Tensor:
             out = torch.full((len(self.rows), width), fill, dtype=torch.long)
@@ -87,9 +89,7 @@ class _BatchBuilder:
             "rewards": torch.tensor(rewards, dtype=torch.float32),
             "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),
             "response_lengths": torch.tensor(response_lengths, dtype=torch.long),
-            "useful_tokens": torch.tensor(
-                sum(len(s["prompt_tokens"]) + sum(len(r) for r in s["response_tokens"]) for s in self.samples)
-            ),
+            "useful_tokens": torch.tensor(useful_tokens(self.samples)),
         }
         if packed:
             # Padding gets its own group (-1), so it attends only to padding and never to real tokens.
@@ -99,6 +99,16 @@ class _BatchBuilder:
             if all(name in sample for sample in self.samples):
                 batch[name] = _reference_column(self.samples, name)
         return batch
+
+
+def useful_tokens(samples: Sequence[dict]) -> int:
+    """The tokens a batch is about: every prompt once and every response, no padding."""
+    return sum(len(s["prompt_tokens"]) + sum(len(r) for r in s["response_tokens"]) for s in samples)
+
+
+def longest_sequence(samples: Sequence[dict]) -> int:
+    """The longest prompt + response among ``samples``: what a packed row must at least hold."""
+    return max(len(s["prompt_tokens"]) + max(len(r) for r in s["response_tokens"]) for s in samples)
 
 
 def _reference_column(samples: Sequence[dict], name: str) -> torch.Tensor:
@@ -134,10 +144,12 @@ def collate_reward_batch(samples: Sequence[dict], pad_id: int = 0) -> dict[str, 
 
 
 def collate_packed_batch(
-    samples: Sequence[dict], pad_id: int = 0, max_row_tokens: Optional[int] = None
+    samples: Sequence[dict], pad_id: int = 0, max_row_tokens: Optional[int] = None, fixed_width: bool = False
 ) -> dict[str, torch.Tensor]:
     """Pack B prompts, each followed once by its k_i responses, into rows of at most ``max_row_tokens`` tokens
-    (None: one row). Besides the scored pairs (module docstring), per token of ``tokens [R, S]``:
+    (None: one row); ``fixed_width`` pads every row to exactly ``max_row_tokens``, so that shapes repeat (a
+    compiled flex attention then compiles once). Besides the scored pairs (module docstring), per token of
+    ``tokens [R, S]``:
 
         input_pos   [R, S]  position ids: a prompt counts from 0, each of its responses from the prompt's length
         group_ids   [R, S]  which prompt group the token belongs to (-1: padding)
@@ -145,7 +157,8 @@ def collate_packed_batch(
 
     from which :func:`rao_tune.training.attention.prefix_sharing_mask` builds the attention mask. Groups are
     placed longest first, each into the first row with room. A prompt whose responses do not fit one row with
-    it is split into several groups that repeat the prompt (its tokens are scored in the first group only).
+    it is split into several groups that repeat the prompt (its own tokens are scored once, in the first of
+    these groups to be placed).
     """
     builder = _BatchBuilder(samples)
     groups = []  # (prompt index, [(response index, response tokens), ...])
@@ -188,4 +201,6 @@ def collate_packed_batch(
         for index, response in members:
             start = builder.append(row, response, len(prompt), group=group_id, segment=index + 1)
             builder.score_response(row, prompt_start + len(prompt) - 1, start, response, index)
-    return builder.build(pad_id, packed=True)
+    if fixed_width and max_row_tokens is None:
+        raise ValueError("fixed_width needs max_row_tokens")
+    return builder.build(pad_id, packed=True, width=max_row_tokens if fixed_width else None)

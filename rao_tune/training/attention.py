@@ -8,11 +8,23 @@ sibling response and never another group. On CUDA (compute capability >= 7.5) th
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
-from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
+
+from rao_tune.data.collate import collate_packed_batch
+
+# Packed rows hold up to this many tokens unless max_row_tokens says otherwise (and the model allows it): long
+# enough for a prompt with several long responses, short enough that dense attention on CPU stays cheap.
+DEFAULT_MAX_ROW_TOKENS = 4096
+
+
+def flex_attention_on(device: torch.device) -> bool:
+    """Whether packed batches on ``device`` use a flex-attention ``BlockMask``. The same condition as torchtune
+    0.6.1's attention routing (a BlockMask goes to flex attention when CUDA has compute capability >= 7.5)."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (7, 5)
 
 
 def prefix_sharing_mask(group_ids: Tensor, segment_ids: Tensor) -> Tensor:
@@ -43,8 +55,25 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Any]:
     if "segment_ids" not in batch:
         return {}
     group_ids, segment_ids = batch["group_ids"], batch["segment_ids"]
-    if group_ids.device.type == "cuda" and _SUPPORTS_FLEX_ATTENTION:
+    if flex_attention_on(group_ids.device):
         mask = prefix_sharing_block_mask(group_ids, segment_ids)
     else:
         mask = prefix_sharing_mask(group_ids, segment_ids)
     return {"mask": mask, "input_pos": batch["input_pos"]}
+
+
+def packed_collator(
+    *, pad_id: int, device: torch.device, model_max_seq_len: int, longest: int, max_row_tokens: Optional[int] = None
+) -> Callable[[list], dict[str, Tensor]]:
+    """:func:`rao_tune.data.collate_packed_batch` with a row budget that holds ``longest`` (the longest prompt +
+    response to come) and fits the model: ``max_row_tokens``, or by default 4096 tokens (more if ``longest``
+    needs it, less if the model's ``max_seq_len`` is shorter). On CUDA with flex attention every row is padded to
+    exactly the budget: torchtune compiles flex attention for static shapes, and each new shape would recompile.
+    """
+    budget = max_row_tokens or min(max(DEFAULT_MAX_ROW_TOKENS, longest), model_max_seq_len)
+    if not longest <= budget <= model_max_seq_len:
+        raise ValueError(
+            f"max_row_tokens={budget} must hold the longest prompt + response of the data ({longest} tokens) and "
+            f"fit the model's max_seq_len ({model_max_seq_len})"
+        )
+    return partial(collate_packed_batch, pad_id=pad_id, max_row_tokens=budget, fixed_width=flex_attention_on(device))

@@ -53,12 +53,18 @@ class FusedTokenLogProbs(torch.autograd.Function):
             rows = active[start : start + ctx.chunk_tokens]
             chunk_hidden = hidden[rows]
             logits = (chunk_hidden @ weight.T).float()
-            grad_logits = torch.exp_(logits.sub_(log_normalisers[rows, None])).neg_()  # -softmax, in place
+            # In low precision a matmul over other rows may round a logit differently from forward: recompute the
+            # normaliser so the softmax sums to 1 (in fp32 the saved one is exact to ~1e-7 and saves a pass).
+            if hidden.dtype == torch.float32:
+                chunk_normalisers = log_normalisers[rows]
+            else:
+                chunk_normalisers = torch.logsumexp(logits, dim=-1)
+            grad_logits = torch.exp_(logits.sub_(chunk_normalisers[:, None])).neg_()  # -softmax, in place
             grad_logits.scatter_add_(-1, targets[rows, None], torch.ones_like(grad_logits[:, :1]))
             grad_logits = (grad_logits * grad_logps[rows, None]).to(hidden.dtype)
             if need_hidden:
                 grad_hidden[rows] = grad_logits @ weight
-            if need_weight:
+            if need_weight:  # accumulated in the weight's dtype, once per chunk (as chunked cross-entropy does)
                 grad_weight.addmm_(grad_logits.T, chunk_hidden)
         return grad_hidden, grad_weight, None, None
 
@@ -81,9 +87,10 @@ def _unembedding_to_logps(model: nn.Module, logit_positions: Tensor, targets: Te
 
     torchtune 0.6.1's ``TransformerDecoder.unembed`` (final norm + projection) has no switch to skip the
     projection (later releases added ``skip_output_layer``), so this instance's ``unembed`` is shadowed for the
-    call. The fused projection must run inside ``model.__call__``: FSDP2 holds the root module's parameters
-    (embedding, norm, output projection) unsharded only during its forward, and unshards them again for
-    backward when the gradient reaches the forward's output.
+    call. The fused projection must run inside ``model.__call__``: with torchtune's ``reshard_after_forward=True``
+    FSDP2 holds the root module's parameters (embedding, norm, output projection) unsharded only during its
+    forward, frees them after it, and all-gathers them into the same tensors again when the gradient reaches the
+    forward's output, before this function's backward reads the weight it saved.
     """
 
     def unembed(hidden: Tensor) -> Tensor:
@@ -117,8 +124,14 @@ def sequence_logps(
 ) -> tuple[Tensor, Tensor]:
     """Return ``(response_logps, prompt_logps)``, each ``[N]`` fp32, from one forward pass of ``model``:
     log pi(y | x) summed over each response's tokens, and log pi(x - t0 | t0) of its prompt."""
-    logps = token_logps(model, batch, chunk_tokens=chunk_tokens)
+    return segment_sums(token_logps(model, batch, chunk_tokens=chunk_tokens), batch)
+
+
+def segment_sums(scored_token_logps: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Sum the ``[T]`` scored tokens' log-probs into ``(response_logps, prompt_logps)``, each ``[N]`` (a prompt's
+    sum repeated for each of its responses), following the batch's ``target_segments``."""
     num_responses = batch["prompt_ids"].numel()
-    num_prompts = int(batch["prompt_ids"].max()) + 1
-    sums = logps.new_zeros(num_responses + num_prompts).index_add(0, batch["target_segments"], logps)
+    num_prompts = int(batch["prompt_ids"].max()) + 1  # every prompt of a batch has a response
+    sums = scored_token_logps.new_zeros(num_responses + num_prompts)
+    sums = sums.index_add(0, batch["target_segments"], scored_token_logps)
     return sums[:num_responses], sums[num_responses:][batch["prompt_ids"]]

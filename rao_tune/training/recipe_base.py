@@ -7,16 +7,18 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import Dataset
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from rao_tune.data import collate_packed_batch, collate_reward_batch
+from rao_tune.data import collate_reward_batch, longest_sequence
+from rao_tune.training.attention import packed_collator
 from rao_tune.training.checkpoint import check_resume_state, instantiate_checkpointer, save_epoch_checkpoint
 from rao_tune.training.distributed import init_distributed
 from rao_tune.training.loop import (
@@ -76,14 +78,22 @@ class DistributedRecipe:
             compile=cfg.get("compile", False),
         )
 
-    def reward_batch_collate(self, cfg: DictConfig, model: nn.Module) -> Callable[[list], dict[str, torch.Tensor]]:
+    def batch_collator(
+        self, cfg: DictConfig, model: nn.Module, *datasets: Optional[Dataset]
+    ) -> Callable[[list], dict[str, torch.Tensor]]:
         """How prompts with their responses become a micro-batch: packed and prefix-shared (``pack_responses``,
-        the default: each prompt once, rows of at most ``max_row_tokens``, default the model's ``max_seq_len``)
-        or one right-padded row per response."""
+        the default: each prompt once, rows of at most ``max_row_tokens``) or one right-padded row per response.
+        The row budget is checked against ``datasets`` here, before any step: a batch failing later on one rank
+        would leave the others waiting in a collective."""
         if not cfg.get("pack_responses", True):
             return partial(collate_reward_batch, pad_id=self._tokenizer.pad_id)
-        max_row_tokens = cfg.get("max_row_tokens", None) or model.max_seq_len
-        return partial(collate_packed_batch, pad_id=self._tokenizer.pad_id, max_row_tokens=max_row_tokens)
+        return packed_collator(
+            pad_id=self._tokenizer.pad_id,
+            device=self._device,
+            model_max_seq_len=model.max_seq_len,
+            longest=max(longest_sequence(dataset) for dataset in datasets if dataset is not None),
+            max_row_tokens=cfg.get("max_row_tokens", None),
+        )
 
     def setup_data_and_optimizer(
         self, cfg: DictConfig, model: nn.Module, checkpoint: dict[str, Any], collate_fn: Callable

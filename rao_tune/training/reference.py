@@ -82,10 +82,12 @@ def checkpoint_files(cfg_checkpointer: Mapping) -> list[Path]:
 
 
 def _hash_file_sample(digest: "hashlib._Hash", path: Path) -> None:
-    """Size and three 1 MiB samples (start, middle, end): any retraining changes them, and reading 3 MiB per
-    file keeps the check to a moment even for a 16 GB checkpoint."""
-    size = path.stat().st_size
-    digest.update(f"{path.name}:{size}".encode())
+    """Size, modification time and three 1 MiB samples (start, middle, end): any retraining changes them, and
+    reading 3 MiB per file keeps the check to a moment even for a 16 GB checkpoint. A copied checkpoint (new
+    mtime) costs one recomputation; a stale table would cost a wrong run."""
+    stat = path.stat()
+    size = stat.st_size
+    digest.update(f"{path.name}:{size}:{stat.st_mtime_ns}".encode())
     with path.open("rb") as handle:
         for offset in sorted({0, max(0, size // 2 - _SAMPLE_BYTES // 2), max(0, size - _SAMPLE_BYTES)}):
             handle.seek(offset)
@@ -93,7 +95,8 @@ def _hash_file_sample(digest: "hashlib._Hash", path: Path) -> None:
 
 
 def reference_fingerprint(cfg_checkpointer: Mapping, cfg_model: DictConfig, dtype: torch.dtype, dataset: Dataset) -> str:
-    """sha256 of the reference weights (sampled), the model config, the dtype and every example's tokens."""
+    """sha256 of the reference weight files (sampled, see :func:`_hash_file_sample`), the model config, the dtype
+    and every example's tokens."""
     digest = hashlib.sha256(FORMAT_VERSION.encode())
     for path in checkpoint_files(cfg_checkpointer):
         _hash_file_sample(digest, path)

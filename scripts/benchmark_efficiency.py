@@ -1,0 +1,424 @@
+"""Side by side, in one run: what an alignment step costs the plain way and with each of rao-tune's savings.
+
+Modes (the same model, workload and optimizer; each mode runs in its own process, so peak memory is its own):
+
+    torchtune      torchtune 0.6.1's DPO recipe step itself: its ``concatenated_forward`` (full fp32 logits of
+                   the padded chosen + rejected rows, ``rlhf.get_batch_log_probs``), ``padded_collate_dpo`` and
+                   ``rlhf.loss.DPOLoss``, reference model run at every step (k = 2 only)
+    padded         the same way for any loss and any k: one padded row per response, full logits, online reference
+    fused          padded + log-probs straight from the hidden states (``rao_tune.training.logprobs``)
+    precomputed    padded + reference log-probs computed before training (no reference forward, no second model)
+    packed         padded -> packed prefix-shared rows (each prompt once, no padding but the row's tail)
+    all            packed + fused + precomputed: what the recipes do by default
+    sft_torchtune  an SFT step over the same responses as torchtune's SFT recipe does it (padded prompt+response
+                   rows, ``CEWithChunkedOutputLoss``): the floor a preference step is compared with
+    sft_fused      an SFT step on rao-tune's path (packed + fused), over the same responses
+    trl            trl's ``DPOTrainer`` on the same HF checkpoint and token ids (k = 2, when trl is installed;
+                   ``scripts/benchmark_trl.py``)
+
+The workload has UltraFeedback-like lengths (prompts 20-500 tokens, responses 50-800, long-tailed), ``--prompts``
+prompts with ``--k`` responses each per step, sequences of at most ``--max-tokens``. Every mode runs the same
+micro-batches in the same order; rounds interleave the modes (rotating their order) and the figures are medians /
+sums over every timed step of every round. Useful tokens count each prompt once and each response, without
+padding: the work a user asked for. Collation happens before timing, for every mode.
+
+    python scripts/benchmark_efficiency.py --vocab 128256 --k 2 --rounds 3
+    python scripts/benchmark_efficiency.py --vocab 32000 --k 4 --modes padded all sft_fused
+
+Peak memory in steps is the process's resident high-water mark from the end of set-up to the last step on CPU
+(everything: Python, the model, optimizer state, activations), the allocator's peak on CUDA; ``growth`` is how far
+it rose above its level after set-up; the lifetime peak includes set-up (loading, the reference precomputation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+MODES = ("torchtune", "padded", "fused", "precomputed", "packed", "all", "sft_torchtune", "sft_fused", "trl")
+PAIRWISE_ONLY = ("torchtune", "trl")  # chosen/rejected: k = 2 and the DPO loss
+BOS, EOS = 1, 2
+
+
+# ------------------------------------------------------------------------------------------------ workload
+def ultrafeedback_like_length(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
+    return int(min(high, max(low, rng.lognormvariate(math.log(median), sigma))))
+
+
+def make_workload(*, vocab: int, k: int, prompts: int, steps: int, max_tokens: int, seed: int) -> list[list[dict]]:
+    """``steps`` micro-batches of ``prompts`` prompts with ``k`` responses each: random token ids (t0 = BOS first,
+    EOS last in each response), lengths drawn like UltraFeedback's, distinct rewards."""
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(steps):
+        batch = []
+        for _ in range(prompts):
+            prompt_length = ultrafeedback_like_length(rng, 120, 0.8, 20, 500)
+            prompt = [BOS] + [rng.randrange(3, vocab) for _ in range(prompt_length - 1)]
+            responses = []
+            for _ in range(k):
+                length = min(ultrafeedback_like_length(rng, 250, 0.6, 50, 800), max_tokens - prompt_length)
+                responses.append([rng.randrange(3, vocab) for _ in range(length - 1)] + [EOS])
+            rewards = rng.sample(range(1, 11), k)
+            batch.append({"prompt_tokens": prompt, "response_tokens": responses, "rewards": [float(r) for r in rewards]})
+        batches.append(batch)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------ one worker
+def reset_peak_memory(device) -> None:
+    """Start a new peak: the CUDA allocator's, or on Linux the process's high-water mark of resident memory
+    (which ``getrusage``'s ``ru_maxrss`` follows too)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_gib(device) -> float:
+    """Peak since :func:`reset_peak_memory`: allocated CUDA memory, or resident memory (VmHWM) on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return _proc_status_kib("VmHWM") / 2**20
+
+
+def current_memory_gib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    return _proc_status_kib("VmRSS") / 2**20
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def torchtune_dpo_recipe_class():
+    """torchtune's own ``recipes/full_dpo_distributed.py`` from its wheel (our ``recipes/`` shadows the name)."""
+    import torchtune
+
+    path = Path(torchtune.__file__).resolve().parents[1] / "recipes" / "full_dpo_distributed.py"
+    spec = importlib.util.spec_from_file_location("torchtune_full_dpo_distributed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FullDPORecipeDistributed
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Set up one mode, run its steps, return timings and memory. Runs in its own process."""
+    import torch
+    from omegaconf import OmegaConf
+    from torchtune import training
+    from torchtune.rlhf.loss import DPOLoss as TorchtuneDPOLoss
+    from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_dpo, padded_collate_sft
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    from rao_tune.data import collate_reward_batch, longest_sequence, useful_tokens
+    from rao_tune.losses import DPOLoss, RAOLoss, ResponseLogProbs
+    from rao_tune.training.attention import model_inputs, packed_collator
+    from rao_tune.training.distributed import init_distributed
+    from rao_tune.training.logprobs import segment_sums, sequence_logps
+    from rao_tune.training.model import setup_fsdp_model
+
+    mode = args.worker
+    device = torch.device(args.device)
+    dtype = training.get_dtype(args.dtype, device=device)
+    init_distributed(device)
+    workload = json.loads(Path(args.workload).read_text())
+    batches = workload["micro_batches"][: args.warmup + args.steps]
+    torch.manual_seed(0)
+
+    checkpointer = training.FullModelHFCheckpointer(
+        checkpoint_dir=args.checkpoint, checkpoint_files=["model.safetensors"], model_type="LLAMA3",
+        output_dir=tempfile.mkdtemp(prefix="bench_unused_"),
+    )
+    state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    cfg_model = OmegaConf.create({"_component_": "torchtune.models.llama3.llama3", **workload["model_kwargs"]})
+    options = dict(device=device, dtype=dtype)
+    model = setup_fsdp_model(cfg_model, state_dict, activation_checkpointing=args.activation_checkpointing, **options)
+    needs_reference = mode in ("torchtune", "padded", "fused", "precomputed", "packed", "all")
+    reference = setup_fsdp_model(cfg_model, state_dict, trainable=False, **options) if needs_reference else None
+    del state_dict
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=False)
+    loss_fn = RAOLoss(beta=0.1, z0=0.0) if args.loss == "rao" else DPOLoss(beta=0.1, pairs="best_vs_worst")
+
+    def to_device(batch: dict) -> dict:
+        return {key: value.to(device) for key, value in batch.items()}
+
+    # --- how each mode turns a micro-batch into per-sequence log-probs
+    def full_logits_logps(net, batch: dict) -> tuple:
+        """The plain way: the model's full fp32 logits, log-softmax over the whole vocabulary, then gather."""
+        net.set_num_output_chunks(0)
+        logits = net(batch["tokens"], **model_inputs(batch))
+        token_logps = torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+        token_logps = token_logps[batch["logit_positions"]].gather(-1, batch["target_tokens"][:, None]).squeeze(-1)
+        return segment_sums(token_logps, batch)
+
+    fused_logps = partial(sequence_logps, chunk_tokens=args.chunk_tokens)
+    packed_collate = packed_collator(  # as the recipes set it up
+        pad_id=0, device=device, model_max_seq_len=model.max_seq_len, max_row_tokens=args.max_row_tokens,
+        longest=max(longest_sequence(samples) for samples in batches))
+    layout = {"padded": collate_reward_batch, "fused": collate_reward_batch, "precomputed": collate_reward_batch,
+              "packed": packed_collate, "all": packed_collate, "sft_fused": packed_collate}.get(mode)
+    logps_fn = fused_logps if mode in ("fused", "all", "sft_fused") else full_logits_logps
+
+    def preference_step(batch: dict) -> torch.Tensor:
+        policy_logps, policy_prompt_logps = logps_fn(model, batch)
+        if "reference_logps" in batch:
+            reference_logps, reference_prompt_logps = batch["reference_logps"], batch["reference_prompt_logps"]
+        else:
+            with torch.no_grad():
+                reference_logps, reference_prompt_logps = logps_fn(reference, batch)
+        return loss_fn(ResponseLogProbs(
+            policy_logps=policy_logps, policy_prompt_logps=policy_prompt_logps, reference_logps=reference_logps,
+            reference_prompt_logps=reference_prompt_logps, rewards=batch["rewards"], prompt_ids=batch["prompt_ids"],
+            response_lengths=batch["response_lengths"])).loss
+
+    if mode in ("padded", "fused", "precomputed", "packed", "all"):
+        prepared = [to_device(layout(samples)) for samples in batches]
+        processed = [batch["tokens"].numel() for batch in prepared]
+        if mode in ("precomputed", "all"):  # what the recipe does before training, untimed
+            with torch.no_grad():
+                for batch in prepared:
+                    batch["reference_logps"], batch["reference_prompt_logps"] = logps_fn(reference, batch)
+            reference = None
+            gc.collect()
+        step_loss: Callable[[dict], torch.Tensor] = preference_step
+    elif mode == "torchtune":
+        recipe = SimpleNamespace(_device=device)
+        forward = partial(torchtune_dpo_recipe_class().concatenated_forward, recipe, activations_handling=False)
+        dpo_loss = TorchtuneDPOLoss(beta=0.1)
+
+        def as_dpo_example(sample: dict) -> dict:
+            prompt, (chosen, rejected) = sample["prompt_tokens"], sample["response_tokens"]
+            masked = [CROSS_ENTROPY_IGNORE_IDX] * len(prompt)
+            return {"chosen_input_ids": prompt + chosen, "chosen_labels": masked + chosen,
+                    "rejected_input_ids": prompt + rejected, "rejected_labels": masked + rejected}
+
+        prepared = [tuple(t.to(device) for t in padded_collate_dpo([as_dpo_example(s) for s in samples]))
+                    for samples in batches]
+        processed = [input_ids.numel() for input_ids, _ in prepared]
+
+        def step_loss(batch) -> torch.Tensor:  # the body of torchtune's DPO train loop
+            policy_chosen, policy_rejected, chosen_logits, rejected_logits = forward(model, batch)
+            _ = chosen_logits.detach().mean(), rejected_logits.detach().mean()  # logged by the recipe
+            del chosen_logits, rejected_logits
+            with torch.no_grad():
+                reference_chosen, reference_rejected, ref_chosen_logits, ref_rejected_logits = forward(reference, batch)
+            del ref_chosen_logits, ref_rejected_logits
+            losses, _, _ = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+            return losses.mean()
+    elif mode == "sft_torchtune":
+        ce_loss = CEWithChunkedOutputLoss()
+        model.set_num_output_chunks(ce_loss.num_output_chunks)
+
+        def as_sft_example(prompt: list[int], response: list[int]) -> dict:
+            return {"tokens": prompt + response, "labels": [CROSS_ENTROPY_IGNORE_IDX] * len(prompt) + response}
+
+        prepared = [
+            to_device(padded_collate_sft([as_sft_example(s["prompt_tokens"], r) for s in samples
+                                          for r in s["response_tokens"]], padding_idx=0))
+            for samples in batches
+        ]
+        processed = [batch["tokens"].numel() for batch in prepared]
+
+        def step_loss(batch) -> torch.Tensor:  # torchtune's SFT recipe: shift labels, chunked cross-entropy
+            labels = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], CROSS_ENTROPY_IGNORE_IDX)], 1)
+            return ce_loss(model(batch["tokens"]), labels)
+    elif mode == "sft_fused":
+        prepared = [to_device(layout(samples)) for samples in batches]
+        processed = [batch["tokens"].numel() for batch in prepared]
+
+        def step_loss(batch) -> torch.Tensor:  # the same token-mean NLL over response tokens
+            response_logps, _ = fused_logps(model, batch)
+            return -response_logps.sum() / batch["response_lengths"].sum()
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+
+    gc.collect()
+    memory_after_setup = current_memory_gib(device)
+    setup_peak = peak_memory_gib(device)
+    reset_peak_memory(device)
+    step_times, losses = [], []
+    for batch in prepared:
+        started = time.perf_counter()
+        loss = step_loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the recipes (and trl) do
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_times.append(time.perf_counter() - started)
+        losses.append(loss.item())
+    return {
+        "step_times": step_times[args.warmup:],
+        "useful_tokens_per_step": [useful_tokens(samples) for samples in batches][args.warmup:],
+        "processed_tokens_per_step": processed[args.warmup:],
+        "peak_memory_gib": peak_memory_gib(device),
+        "memory_after_setup_gib": memory_after_setup,
+        "lifetime_peak_memory_gib": max(setup_peak, peak_memory_gib(device)),
+        "first_loss": losses[0],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def summarise(runs: list[dict]) -> dict[str, float]:
+    step_times = [t for run in runs for t in run["step_times"]]
+    useful = sum(n for run in runs for n in run["useful_tokens_per_step"])
+    processed = sum(n for run in runs for n in run["processed_tokens_per_step"])
+    return {
+        "median_step_s": statistics.median(step_times),
+        "useful_tokens_per_s": useful / sum(step_times),
+        "processed_per_useful": processed / useful,
+        "peak_memory_gib": statistics.median(run["peak_memory_gib"] for run in runs),
+        "growth_gib": statistics.median(run["peak_memory_gib"] - run["memory_after_setup_gib"] for run in runs),
+        "lifetime_peak_memory_gib": statistics.median(run["lifetime_peak_memory_gib"] for run in runs),
+        "timed_steps": len(step_times),
+    }
+
+
+def markdown_table(summaries: dict[str, dict], base: str) -> str:
+    lines = [
+        f"| mode | median step (s) | useful tokens/s | tokens processed per useful token | peak memory in steps (GiB) | "
+        f"growth in steps (GiB) | peak incl. set-up (GiB) | step time / {base} | tokens/s / {base} | "
+        f"peak memory in steps / {base} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    reference = summaries.get(base)
+    for mode, s in summaries.items():
+        ratios = ["", "", ""]
+        if reference:
+            ratios = [f"{s['median_step_s'] / reference['median_step_s']:.2f}",
+                      f"{s['useful_tokens_per_s'] / reference['useful_tokens_per_s']:.2f}",
+                      f"{s['peak_memory_gib'] / reference['peak_memory_gib']:.2f}"]
+        lines.append(f"| {mode} | {s['median_step_s']:.3f} | {s['useful_tokens_per_s']:.0f} | "
+                     f"{s['processed_per_useful']:.2f} | {s['peak_memory_gib']:.2f} | {s['growth_gib']:.2f} | "
+                     f"{s['lifetime_peak_memory_gib']:.2f} | "
+                     + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def trl_available() -> bool:
+    return importlib.util.find_spec("trl") is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--k", type=int, default=2, help="responses per prompt")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per step (micro-batch)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="longest prompt + response")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--max-seq-len", type=int, default=8192, help="the model's, and the packed rows' default budget")
+    parser.add_argument("--max-row-tokens", type=int, default=None, help="packed row budget (default: the recipes')")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="scored tokens per fused chunk")
+    parser.add_argument("--loss", choices=("dpo", "rao"), default="dpo")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per mode and round")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the summaries and raw runs as JSON")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+
+    modes = [m for m in args.modes if not (m in PAIRWISE_ONLY and (args.k != 2 or args.loss != "dpo"))]
+    if "trl" in modes and not trl_available():
+        print("trl is not installed (pip install trl==1.16.0): its mode is skipped", file=sys.stderr)
+        modes.remove("trl")
+    if "trl" in modes and (args.device, args.dtype, args.activation_checkpointing) != ("cpu", "fp32", False):
+        print("the trl mode runs CPU fp32 without checkpointing only: skipped", file=sys.stderr)
+        modes.remove("trl")
+    skipped = sorted(set(args.modes) - set(modes))
+    from rao_tune.tiny import build_llama3_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="rao_bench_") as scratch:
+        checkpoint = Path(scratch) / "model"
+        model_kwargs = build_llama3_checkpoint(
+            checkpoint, args.vocab, seed=args.seed, num_layers=args.layers, embed_dim=args.dim, num_heads=args.heads,
+            num_kv_heads=args.kv_heads, intermediate_dim=args.intermediate, max_seq_len=args.max_seq_len,
+            bos_token_id=BOS, eos_token_id=EOS,
+        )
+        batches = make_workload(vocab=args.vocab, k=args.k, prompts=args.prompts, steps=args.warmup + args.steps,
+                                max_tokens=args.max_tokens, seed=args.seed)
+        workload = Path(scratch) / "workload.json"
+        workload.write_text(json.dumps({"vocab_size": args.vocab, "model_kwargs": model_kwargs, "micro_batches": batches}))
+
+        common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--workload", str(workload),
+                  "--checkpoint", str(checkpoint)]
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for round_index in range(args.rounds):
+            order = modes[round_index % len(modes):] + modes[: round_index % len(modes)]
+            for mode in order:
+                if mode == "trl":  # its --steps counts the warm-up steps too
+                    command = [sys.executable, str(REPO_ROOT / "scripts" / "benchmark_trl.py"), *common,
+                               "--steps", str(args.warmup + args.steps)]
+                else:
+                    command = [
+                        sys.executable, __file__, "--worker", mode, *common, "--loss", args.loss,
+                        "--device", args.device, "--dtype", args.dtype, "--chunk-tokens", str(args.chunk_tokens),
+                        *(["--max-row-tokens", str(args.max_row_tokens)] if args.max_row_tokens else []),
+                        *(["--activation-checkpointing"] if args.activation_checkpointing else []),
+                    ]
+                started = time.perf_counter()
+                result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+                if result.returncode != 0:
+                    sys.exit(f"mode {mode} failed:\n{result.stderr[-4000:]}")
+                run = json.loads(result.stdout.strip().splitlines()[-1])
+                runs[mode].append(run)
+                print(f"round {round_index + 1}/{args.rounds} {mode}: median step "
+                      f"{statistics.median(run['step_times']):.3f} s ({time.perf_counter() - started:.0f} s)",
+                      file=sys.stderr)
+
+    summaries = {mode: summarise(mode_runs) for mode, mode_runs in runs.items()}
+    settings = (f"vocab {args.vocab}, k = {args.k}, {args.prompts} prompts per step, max {args.max_tokens} tokens, "
+                f"{args.layers} layers, dim {args.dim}, {args.dtype} on {args.device}, loss {args.loss}, "
+                f"{args.rounds} rounds x {args.steps} timed steps per mode")
+    print(f"\n{settings}" + (f"; skipped: {', '.join(skipped)}" if skipped else "") + "\n")
+    print(markdown_table(summaries, base="padded"))
+    if args.out:
+        args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "summaries": summaries,
+                                        "runs": runs}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
