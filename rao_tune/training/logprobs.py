@@ -61,7 +61,7 @@ class FusedTokenLogProbs(torch.autograd.Function):
                 chunk_normalisers = torch.logsumexp(logits, dim=-1)
             grad_logits = torch.exp_(logits.sub_(chunk_normalisers[:, None])).neg_()  # -softmax, in place
             grad_logits.scatter_add_(-1, targets[rows, None], torch.ones_like(grad_logits[:, :1]))
-            grad_logits = (grad_logits * grad_logps[rows, None]).to(hidden.dtype)
+            grad_logits = grad_logits.mul_(grad_logps[rows, None]).to(hidden.dtype)
             if need_hidden:
                 grad_hidden[rows] = grad_logits @ weight
             if need_weight:  # accumulated in the weight's dtype, once per chunk (as chunked cross-entropy does)
