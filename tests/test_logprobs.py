@@ -119,3 +119,21 @@ def test_flex_attention_block_mask_follows_the_dense_rule():
     from_mask_mod = torch.stack([block_mask.mask_mod(torch.tensor(row), torch.tensor(0), query, key)
                                  for row in range(rows)])
     assert torch.equal(from_mask_mod, prefix_sharing_mask(group_ids, segment_ids))
+
+
+@pytest.mark.slow
+def test_flex_attention_with_the_block_mask_equals_dense_sdpa():
+    """The CUDA path's kernel, run on CPU (torch.compile of flex attention, ~25 s): fixed-width packed rows with
+    the prefix-sharing BlockMask give what SDPA gives with the dense mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from rao_tune.training.attention import prefix_sharing_block_mask, prefix_sharing_mask
+
+    batch = collate_packed_batch(SAMPLES, max_row_tokens=256, fixed_width=True)
+    group_ids, segment_ids = batch["group_ids"], batch["segment_ids"]
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(group_ids.shape[0], 4, group_ids.shape[1], 16) for _ in range(3))
+    flex = torch.compile(flex_attention)(query, key, value, block_mask=prefix_sharing_block_mask(group_ids, segment_ids))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=prefix_sharing_mask(group_ids, segment_ids)[:, None])
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
