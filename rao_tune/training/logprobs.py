@@ -24,8 +24,9 @@ class FusedTokenLogProbs(torch.autograd.Function):
     """``log softmax(hidden @ weight.T)[t, targets[t]]`` for every row t, in fp32, one chunk of rows at a time.
 
     Forward keeps ``hidden``, ``weight`` and one fp32 log-normaliser per row. With ``g`` the incoming gradient
-    and ``p = softmax(logits)``, the gradient of the logits is ``g * (onehot(target) - p)``; backward rebuilds
-    ``p`` chunk by chunk from the saved normalisers, so at most one chunk of logits exists at any time.
+    and ``p = softmax(logits)``, the gradient of the logits is ``g * (onehot(target) - p)``; backward recomputes
+    the logits chunk by chunk (over the rows whose ``g`` is not zero) and rebuilds ``p`` from the saved
+    normalisers (recomputed in low precision), so at most one chunk of logits exists at any time.
     """
 
     @staticmethod
