@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rao_tune.losses import (
+    BradleyTerryLoss,
     CalDPOLoss,
     DistillationLoss,
     DPOLoss,
@@ -223,3 +224,61 @@ def test_reward_partition_normaliser_and_loss_by_hand():
     assert per_prompt[1] == pytest.approx(policy[3] ** 2)
     module = RewardPartitionLoss(tau=tau, average_log_probs=False)(batch())
     assert module.loss.item() == pytest.approx(expected)
+
+
+# --- Hyperparameters and data refused before any model loads ------------------------------------------------------
+
+OUT_OF_RANGE = [
+    (RAOLoss, {"beta": 0.0}, "beta must be > 0"),
+    (DPOLoss, {"beta": -0.1}, "beta must be > 0"),
+    (DPOLoss, {"label_smoothing": 0.5}, "label_smoothing must be in"),
+    (IPOLoss, {"beta": 0.0}, "beta must be > 0"),
+    (CalDPOLoss, {"beta": 0.0}, "beta must be > 0"),
+    (SimPOLoss, {"beta": 0.0}, "beta must be > 0"),
+    (SimPOLoss, {"gamma": -1.0}, "gamma"),
+    (SLiCHFLoss, {"delta": 0.0}, "delta"),
+    (SLiCHFLoss, {"nll_weight": -1.0}, "nll_weight"),
+    (ORPOLoss, {"odds_ratio_weight": 0.0}, "odds_ratio_weight"),
+    (DistillationLoss, {"beta": 0.0}, "beta must be > 0"),
+    (RewardAwareRPOLoss, {"beta": 0.0}, "beta must be > 0"),
+    (RewardAwareRPOLoss, {"eta": 0.0}, "eta must be > 0"),
+    (RewardPartitionLoss, {"tau": 0.0}, "tau must be > 0"),
+]
+
+
+@pytest.mark.parametrize("loss_class, kwargs, message", OUT_OF_RANGE,
+                         ids=[f"{c.__name__}-{next(iter(k))}" for c, k, _ in OUT_OF_RANGE])
+def test_every_loss_refuses_hyperparameters_out_of_range(loss_class, kwargs, message):
+    with pytest.raises(ValueError, match=f"{loss_class.__name__}: {message}"):
+        loss_class(**kwargs)
+
+
+@pytest.mark.parametrize("loss", [DPOLoss(), SimPOLoss(), RLOOLoss(), BradleyTerryLoss()], ids=lambda l: type(l).__name__)
+def test_losses_that_need_pairs_refuse_data_without_any(loss, caplog):
+    with pytest.raises(ValueError, match="none of the 3 training prompts has two responses with different rewards"):
+        loss.check_data([[1.0], [0.5], [2.0]])  # one response per prompt
+    with pytest.raises(ValueError, match="would find no pair"):
+        loss.check_data([[1.0, 1.0], [0.5, 0.5], [2.0]])  # all tied
+    loss.check_data([[1.0, 0.0], [0.5, 0.5]])  # one prompt teaches: allowed, with a warning
+    assert "1 of 2 training prompts give no pair" in caplog.text
+
+
+def test_point_wise_rao_learns_from_single_responses():
+    RAOLoss().check_data([[1.0], [0.5]])  # exact targets need no pairs
+
+
+def test_log_odds_keeps_its_digits_near_zero():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    for a in (-1e-5, -1e-3, -0.5, -8.0):
+        average = torch.tensor([a], dtype=torch.float32, requires_grad=True)
+        value = LF.log_odds(average)
+        value.backward()
+        exact_value = float(mpmath.mpf(a) - mpmath.log(-mpmath.expm1(a)))
+        exact_grad = float(1 / (1 - mpmath.exp(a)))
+        assert value.item() == pytest.approx(exact_value, rel=2e-6), a
+        assert average.grad.item() == pytest.approx(exact_grad, rel=2e-6), a
+    # p -> 1 has infinite odds: the value is held at a = -1e-6, the gradient still flows
+    at_one = torch.tensor([0.0], requires_grad=True)
+    LF.log_odds(at_one).backward()
+    assert torch.isfinite(LF.log_odds(at_one)).all() and at_one.grad.item() > 1e5

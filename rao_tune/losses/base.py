@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -36,14 +36,25 @@ class PreferenceLoss(nn.Module):
     """Base class: ``forward(batch: ResponseLogProbs) -> LossOutput``.
 
     ``needs_reference`` tells the recipe whether to load and run a reference model at all.
+    ``check_data`` sees each training prompt's rewards before any model loads and refuses data the loss cannot
+    learn from (e.g. a pairwise loss over prompts that give no pair).
     ``calibrate`` sees every reward of the training set once before training (e.g. to pick a
     data-dependent constant) and returns the values it chose, for the log.
     """
 
     needs_reference: bool = True
 
+    def check_data(self, prompt_rewards: Sequence[Sequence[float]]) -> None:
+        return None
+
     def calibrate(self, dataset_rewards: Tensor) -> dict[str, float]:
         return {}
+
+
+def require(loss: object, condition: bool, message: str) -> None:
+    """Refuse a loss hyperparameter out of range at construction, before any model loads."""
+    if not condition:
+        raise ValueError(f"{type(loss).__name__}: {message}")
 
     def forward(self, batch: ResponseLogProbs) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from rao_tune.losses.functional import bradley_terry_loss, pairwise_accuracy
-from rao_tune.losses.pairs import preference_pairs
+from rao_tune.losses.pairs import preference_pairs, require_pairs
 
 
 @dataclass
@@ -40,6 +40,9 @@ class BradleyTerryLoss(nn.Module):
         self.pairs = pairs
         self.seed = seed or 0
         preference_pairs(torch.zeros(1), torch.zeros(1, dtype=torch.long), pairs)  # validates the rule name
+
+    def check_data(self, prompt_rewards: Sequence[Sequence[float]]) -> None:
+        require_pairs(type(self).__name__, prompt_rewards)
 
     def forward(self, scores: Tensor, rewards: Tensor, prompt_ids: Tensor) -> PairwiseOutput:
         chosen, rejected = preference_pairs(rewards.cpu(), prompt_ids.cpu(), self.pairs, self.seed)

@@ -161,8 +161,11 @@ def slic_hf_loss(
 
 
 def log_odds(average_logps: Tensor) -> Tensor:
-    """log(p / (1 - p)) of p = exp(mean token log-prob), computed stably for p close to 1."""
-    return average_logps - torch.log1p(-torch.exp(average_logps.clamp(max=-1e-6)))
+    """log(p / (1 - p)) of p = exp(a), a = mean token log-prob: ``a - log(-expm1(a))``, exact as a -> 0 (where
+    ``log1p(-exp(a))`` loses digits). Values above a = -1e-6 are held there (p = 1 has infinite odds) while the
+    gradient still flows, as if unclamped at the boundary."""
+    bounded = average_logps + (average_logps.clamp(max=-1e-6) - average_logps).detach()
+    return bounded - torch.log(-torch.expm1(bounded))
 
 
 def orpo_loss(

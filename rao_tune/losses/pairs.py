@@ -6,12 +6,16 @@ responses with equal rewards are never paired, and a prompt whose responses all 
 
 from __future__ import annotations
 
+import logging
 import random
 import struct
 import zlib
+from typing import Sequence
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 PAIR_RULES = ("best_vs_others", "all_ordered", "best_vs_worst", "best_vs_random")
 
@@ -60,3 +64,19 @@ def preference_pairs(
         chosen.extend([members[best_position]] * len(lower))
         rejected.extend(lower)
     return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
+
+
+def require_pairs(loss_name: str, prompt_rewards: Sequence[Sequence[float]]) -> None:
+    """Refuse training data in which no prompt has two responses with different rewards: every pair rule gives
+    such data zero pairs, so a pairwise loss would train the whole run on a loss of 0 with a gradient of 0."""
+    ranked = sum(1 for rewards in prompt_rewards if len(set(rewards)) > 1)
+    if ranked == 0:
+        counts = sorted({len(rewards) for rewards in prompt_rewards})
+        raise ValueError(
+            f"{loss_name}: none of the {len(prompt_rewards)} training prompts has two responses with different "
+            f"rewards (responses per prompt: {counts}), so this loss would find no pair to train on; use data with "
+            "several scored responses per prompt, or a point-wise loss such as RAOLoss"
+        )
+    if ranked < len(prompt_rewards):
+        log.warning("%s: %d of %d training prompts give no pair (one response, or tied rewards) and teach nothing",
+                    loss_name, len(prompt_rewards) - ranked, len(prompt_rewards))

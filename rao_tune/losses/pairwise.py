@@ -9,13 +9,13 @@ A batch without any pair (one response per prompt, or tied rewards) gives a zero
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import Tensor
 
 from rao_tune.losses import functional as LF
-from rao_tune.losses.base import LossOutput, PreferenceLoss, ResponseLogProbs
-from rao_tune.losses.pairs import preference_pairs
+from rao_tune.losses.base import LossOutput, PreferenceLoss, ResponseLogProbs, require
+from rao_tune.losses.pairs import preference_pairs, require_pairs
 
 
 @dataclass
@@ -55,6 +55,9 @@ class PairwiseLoss(PreferenceLoss):
     def pair_loss(self, pairs: Pairs) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def check_data(self, prompt_rewards: Sequence[Sequence[float]]) -> None:
+        require_pairs(type(self).__name__, prompt_rewards)
+
     def implicit_rewards(self, batch: ResponseLogProbs) -> Tensor:
         """``beta * log pi/pi_ref``, the DPO-family reward; reference-free losses override it."""
         return self.beta * (batch.policy_logps - batch.reference_logps)
@@ -85,6 +88,8 @@ class DPOLoss(PairwiseLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, **pair_options):
         super().__init__(**pair_options)
+        require(self, beta > 0, f"beta must be > 0, got {beta}")
+        require(self, 0 <= label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta, self.label_smoothing = beta, label_smoothing
 
     def pair_loss(self, pairs: Pairs) -> Tensor:
@@ -97,6 +102,7 @@ class IPOLoss(PairwiseLoss):
 
     def __init__(self, beta: float = 0.1, average_log_probs: bool = True, **pair_options):
         super().__init__(**pair_options)
+        require(self, beta > 0, f"beta must be > 0, got {beta}")
         self.beta, self.average_log_probs = beta, average_log_probs
 
     def pair_loss(self, pairs: Pairs) -> Tensor:
@@ -112,6 +118,7 @@ class CalDPOLoss(PairwiseLoss):
 
     def __init__(self, beta: float = 0.1, **pair_options):
         super().__init__(**pair_options)
+        require(self, beta > 0, f"beta must be > 0, got {beta}")
         self.beta = beta
 
     def pair_loss(self, pairs: Pairs) -> Tensor:
@@ -125,6 +132,8 @@ class SimPOLoss(PairwiseLoss):
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5, **pair_options):
         super().__init__(**pair_options)
+        require(self, beta > 0, f"beta must be > 0, got {beta}")
+        require(self, gamma >= 0, f"gamma (the target margin) must be >= 0, got {gamma}")
         self.beta, self.gamma = beta, gamma
 
     def implicit_rewards(self, batch: ResponseLogProbs) -> Tensor:
@@ -145,6 +154,8 @@ class SLiCHFLoss(PairwiseLoss):
 
     def __init__(self, delta: float = 1.0, nll_weight: float = 0.0, **pair_options):
         super().__init__(**pair_options)
+        require(self, delta > 0, f"delta (the hinge margin) must be > 0, got {delta}")
+        require(self, nll_weight >= 0, f"nll_weight must be >= 0, got {nll_weight}")
         self.delta, self.nll_weight = delta, nll_weight
 
     def implicit_rewards(self, batch: ResponseLogProbs) -> Tensor:
@@ -165,6 +176,7 @@ class ORPOLoss(PairwiseLoss):
 
     def __init__(self, odds_ratio_weight: float = 0.1, **pair_options):
         super().__init__(**pair_options)
+        require(self, odds_ratio_weight > 0, f"odds_ratio_weight must be > 0, got {odds_ratio_weight}")
         self.odds_ratio_weight = odds_ratio_weight
 
     def implicit_rewards(self, batch: ResponseLogProbs) -> Tensor:
@@ -183,6 +195,7 @@ class DistillationLoss(PairwiseLoss):
 
     def __init__(self, beta: float = 0.1, **pair_options):
         super().__init__(**pair_options)
+        require(self, beta > 0, f"beta must be > 0, got {beta}")
         self.beta = beta
 
     def pair_loss(self, pairs: Pairs) -> Tensor:
@@ -195,8 +208,9 @@ class RewardAwareRPOLoss(PairwiseLoss):
 
     def __init__(self, beta: float = 0.1, eta: float = 1.0, distance: str = "squared", **pair_options):
         super().__init__(**pair_options)
-        if distance not in LF.RPO_DISTANCES:
-            raise ValueError(f"distance must be one of {LF.RPO_DISTANCES}, got {distance!r}")
+        require(self, distance in LF.RPO_DISTANCES, f"distance must be one of {LF.RPO_DISTANCES}, got {distance!r}")
+        require(self, beta > 0, f"beta must be > 0, got {beta}")
+        require(self, eta > 0, f"eta must be > 0, got {eta}")
         self.beta, self.eta, self.distance = beta, eta, distance
 
     def pair_loss(self, pairs: Pairs) -> Tensor:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from rao_tune.losses import functional as LF
-from rao_tune.losses.base import LossOutput, PreferenceLoss, ResponseLogProbs
+from rao_tune.losses.base import LossOutput, PreferenceLoss, ResponseLogProbs, require
+from rao_tune.losses.pairs import require_pairs
 
 
 class RLOOLoss(PreferenceLoss):
@@ -11,6 +14,10 @@ class RLOOLoss(PreferenceLoss):
     Reference-free; the implicit reward reported is the sequence log-likelihood."""
 
     needs_reference = False
+
+    def check_data(self, prompt_rewards: Sequence[Sequence[float]]) -> None:
+        # A lone or tied response has no advantage over its leave-one-out baseline: no gradient.
+        require_pairs(type(self).__name__, prompt_rewards)
 
     def forward(self, batch: ResponseLogProbs) -> LossOutput:
         loss = LF.rloo_loss(batch.policy_logps, batch.rewards, batch.prompt_ids)
@@ -28,8 +35,7 @@ class RewardPartitionLoss(PreferenceLoss):
 
     def __init__(self, tau: float = 0.7, average_log_probs: bool = True):
         super().__init__()
-        if tau <= 0:
-            raise ValueError(f"RewardPartitionLoss: tau must be > 0, got {tau}")
+        require(self, tau > 0, f"tau must be > 0, got {tau}")
         self.tau, self.average_log_probs = tau, average_log_probs
 
     def forward(self, batch: ResponseLogProbs) -> LossOutput:

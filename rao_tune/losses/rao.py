@@ -7,7 +7,7 @@ from typing import Union
 
 from torch import Tensor
 
-from rao_tune.losses.base import LossOutput, PreferenceLoss, ResponseLogProbs
+from rao_tune.losses.base import LossOutput, PreferenceLoss, ResponseLogProbs, require
 from rao_tune.losses.functional import rao_implicit_rewards, rao_loss
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,7 @@ class RAOLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1, z0: Union[float, str] = 50.0):
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"RAOLoss: beta must be > 0, got {beta}")
+        require(self, beta > 0, f"beta must be > 0, got {beta}")
         if isinstance(z0, str) and z0 != "auto":
             raise ValueError(f"RAOLoss: z0 must be a number or 'auto', got {z0!r}")
         self.beta = float(beta)
