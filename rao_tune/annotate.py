@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from rao_tune.data._rows import BadRowError, parse_row
-from rao_tune.data.reward_dataset import load_rows
+from rao_tune.data._sources import RowReader, load_rows
 from rao_tune.files import write_atomically
 from rao_tune.rewards import as_scorer
 
@@ -48,14 +48,24 @@ OUTPUT_FIELDS = ("prompt", "responses", "rewards")
 
 @dataclass
 class UnscoredRows:
-    """The rows to score: a ``datasets.Dataset``, its layout, a name for error messages (``origin``), what to
-    do with bad rows, and ``identity``, what the manifest records to recognise the same input on a re-run."""
+    """The rows to score: a ``datasets.Dataset`` of records, how to read them (``reader``: layout, a name for
+    error messages), their column names, what to do with bad rows, lines skipped while reading, and
+    ``identity``, what the manifest records to recognise the same input on a re-run."""
 
     dataset: Dataset
-    layout: str
-    origin: str
+    reader: RowReader
+    column_names: list[str]
     on_bad_row: str
+    skipped: collections.Counter
     identity: dict
+
+    @property
+    def layout(self) -> str:
+        return self.reader.layout
+
+    @property
+    def origin(self) -> str:
+        return self.reader.origin
 
 
 def annotation_dataset(
@@ -77,20 +87,20 @@ def annotation_dataset(
         column_map: rename columns to the native names, e.g. ``{"prompt": "question"}``.
         on_bad_row: ``error`` stops with file, row and field; ``drop`` leaves the row out and counts why.
     """
-    dataset, layout, origin = load_rows(
+    raw = load_rows(
         source, split=split, layout=layout, column_map=column_map, on_bad_row=on_bad_row, require_rewards=False,
         **load_dataset_kwargs,
     )
     identity = {
         "source": source,
         "split": split,
-        "layout": layout,
+        "layout": raw.layout,
         "column_map": dict(column_map or {}),
         "load_dataset_kwargs": _plain(load_dataset_kwargs),
-        "fingerprint": dataset._fingerprint,  # datasets' identity of the loaded data (files, their mtime, ...)
-        "num_rows": len(dataset),
+        "fingerprint": raw.identity,  # the data's files (sampled bytes, mtime) or datasets' fingerprint
+        "num_rows": len(raw.dataset),
     }
-    return UnscoredRows(dataset, layout, origin, on_bad_row, identity)
+    return UnscoredRows(raw.dataset, raw.reader, raw.column_names, on_bad_row, raw.skipped, identity)
 
 
 def _plain(value: Any) -> Any:
@@ -114,12 +124,13 @@ def _parse_shard(rows: UnscoredRows, start: int, stop: int, keep_columns: Sequen
     """Parse rows ``[start, stop)``: returns ``[(row_index, output_row_without_rewards, prompt_messages)]`` and
     the dropped rows counted by reason. A bad row raises with file, row and field unless ``on_bad_row=drop``."""
     parsed, dropped = [], collections.Counter()
-    for row_index, row in zip(range(start, stop), rows.dataset.select(range(start, stop))):
+    for row_index, record in zip(range(start, stop), rows.dataset.select(range(start, stop))):
         try:
+            row = rows.reader.row(record)
             prompt, responses, _ = parse_row(row, rows.layout, require_rewards=False)
         except BadRowError as err:
             if rows.on_bad_row == "error":
-                raise ValueError(f"{rows.origin}, row {row_index}, field '{err.field}': {err}") from None
+                raise ValueError(f"{rows.reader.where(row_index, record)}, field '{err.field}': {err}") from None
             dropped[err.reason] += 1
             continue
         messages = [{"role": m.role, "content": m.text_content} for m in prompt]
@@ -234,7 +245,7 @@ def annotate(
     if rows_per_shard < 1 or batch_size < 1:
         raise ValueError(f"rows_per_shard and batch_size must be >= 1, got {rows_per_shard} and {batch_size}")
     clashes = set(keep_columns) & set(OUTPUT_FIELDS)
-    missing = set(keep_columns) - set(rows.dataset.column_names)
+    missing = set(keep_columns) - set(rows.column_names)
     if clashes or missing:
         raise ValueError(f"keep_columns: {sorted(clashes)} are output fields, {sorted(missing)} are not input columns")
     num_rows = len(rows.dataset)
@@ -292,6 +303,7 @@ def annotate(
         dist.barrier()
     if rank == 0:
         written, dropped = _merge(parts_dir, num_shards, output_path)
+        dropped += rows.skipped  # lines that could not be read at all
         if not keep_shards:
             shutil.rmtree(parts_dir)
         if dropped:

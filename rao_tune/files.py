@@ -36,3 +36,18 @@ def torch_save_atomically(obj: Any, path: Path) -> None:
     """``torch.save`` with the same guarantee as :func:`write_atomically`."""
     with _atomic_file(path, "wb") as handle:
         torch.save(obj, handle)
+
+
+SAMPLE_BYTES = 1 << 20  # bytes hashed at the start, middle and end of a file by hash_file_sample
+
+
+def hash_file_sample(digest: Any, path: Path) -> None:
+    """Feed ``digest`` a file's name, size, modification time and three 1 MiB samples (start, middle, end):
+    any rewrite of the file changes them, and reading 3 MiB keeps the check to a moment even for a 16 GB
+    checkpoint. A copied file (new mtime) counts as changed: recomputing beats trusting a stale result."""
+    stat = Path(path).stat()
+    digest.update(f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with open(path, "rb") as handle:
+        for offset in sorted({0, max(0, stat.st_size // 2 - SAMPLE_BYTES // 2), max(0, stat.st_size - SAMPLE_BYTES)}):
+            handle.seek(offset)
+            digest.update(handle.read(SAMPLE_BYTES))

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny assets built once per test session (no hub, no downloads)."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,9 @@ from torchtune.models.llama3 import llama3_tokenizer
 from rao_tune.tiny import build_tiny_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Tokenized datasets are cached per fingerprint (rao_tune.data): tests keep theirs out of the user's cache.
+os.environ["RAO_TUNE_CACHE"] = tempfile.mkdtemp(prefix="rao_tune_test_cache_")
 
 
 @pytest.fixture(scope="session")

@@ -156,7 +156,7 @@ def test_rule_based_scorers_from_component(tmp_path, unscored):
 
 def test_bad_row_error_names_file_row_and_field(tmp_path, unscored):
     rows = annotation_dataset("json", data_files=str(unscored))
-    with pytest.raises(ValueError, match=r"unscored\.jsonl, row 3, field 'responses\[1\]': response is empty"):
+    with pytest.raises(ValueError, match=r"unscored\.jsonl, line 4, field 'responses\[1\]': response is empty"):
         annotate(rows, python_reward("rao_tune.rewards.word_count"), str(tmp_path / "out.jsonl"))
 
     def not_a_number(prompt, response):

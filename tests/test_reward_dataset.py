@@ -1,5 +1,6 @@
 """The reward-annotated dataset builder: layouts, tokenization boundaries and bad rows."""
 
+import importlib
 import json
 import logging
 import math
@@ -186,7 +187,7 @@ def test_sequences_must_share_the_first_token(tmp_path, tokenizer):
     rows = [GOOD, {"prompt": "reverse: a b", "responses": ["b a"], "rewards": [1.0]}]
     path = write_jsonl(tmp_path / "t0.jsonl", rows)
     plain = PlainTextTokenizer(tokenizer)
-    with pytest.raises(ValueError, match=r"t0\.jsonl.*row 1, field 'prompt'.*shared first token t0"):
+    with pytest.raises(ValueError, match=r"t0\.jsonl, line 2, field 'prompt'.*shared first token t0"):
         RewardAnnotatedDataset(plain, source="json", data_files=path)
     dropped = RewardAnnotatedDataset(plain, source="json", data_files=path, on_bad_row="drop")
     assert len(dropped) == 1 and dropped.dropped == {"first_token": 1}
@@ -271,3 +272,84 @@ def test_packed_collate_fills_rows_up_to_the_budget_and_pads_only_the_tail():
     fixed = collate_packed_batch(COLLATE_SAMPLES, pad_id=0, max_row_tokens=8, fixed_width=True)
     assert fixed["tokens"].tolist() == [[5, 6, 7, 8, 9, 10, 0, 0], [5, 11, 12, 13, 14, 0, 0, 0]]
     assert fixed["last_positions"].tolist() == [4, 5, 8 + 4]
+
+
+# --- File-level mistakes: one line naming the file and the line ---------------------------------------------------
+
+def test_an_empty_file_is_named(tmp_path, tokenizer):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: the file is empty"):
+        reward_dataset(tokenizer, source="json", data_files=str(tmp_path / "empty.jsonl"))
+
+
+def unreadable_file(tmp_path):
+    """A good line, a non-UTF-8 line, malformed JSON, a reward of 1e309 (inf once parsed), a good line."""
+    lines = [json.dumps(GOOD).encode(), b'{"prompt": "caf\xe9", "responses": ["x"], "rewards": [1.0]}',
+             b'{"prompt": "count to 2", "responses": ["1 2"], "rewards": [1.0]',
+             b'{"prompt": "count to 2", "responses": ["1 2"], "rewards": [1e309]}', json.dumps(GOOD).encode()]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def test_unreadable_lines_are_named_by_file_and_line(tmp_path, tokenizer):
+    path = unreadable_file(tmp_path)
+    with pytest.raises(ValueError, match=r"mixed\.jsonl, line 2: not valid UTF-8"):
+        reward_dataset(tokenizer, source="json", data_files=path)
+    lines = open(path, "rb").read().split(b"\n")
+    del lines[1]
+    (tmp_path / "no_utf8.jsonl").write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError, match=r"no_utf8\.jsonl, line 2, field 'line': not valid JSON"):
+        reward_dataset(tokenizer, source="json", data_files=str(tmp_path / "no_utf8.jsonl"))
+    del lines[1]
+    (tmp_path / "inf.jsonl").write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError, match=r"inf\.jsonl, line 2, field 'rewards\[0\]': reward inf is not finite"):
+        reward_dataset(tokenizer, source="json", data_files=str(tmp_path / "inf.jsonl"))
+
+
+def test_drop_mode_skips_and_counts_unreadable_lines(tmp_path, tokenizer):
+    dataset = reward_dataset(tokenizer, source="json", data_files=unreadable_file(tmp_path), on_bad_row="drop")
+    assert len(dataset) == 2
+    assert dataset.dropped == {"not_utf8": 1, "malformed_json": 1, "non_finite_reward": 1}
+
+
+def test_a_json_array_file_and_a_split_slice(tmp_path, tokenizer):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([GOOD, GOOD, {"prompt": "count to 3", "responses": ["1 2 3"], "rewards": [1.0]}]))
+    assert len(reward_dataset(tokenizer, source="json", data_files=str(path))) == 3
+    assert len(reward_dataset(tokenizer, source="json", data_files=str(path), split="train[:2]")) == 2
+    path.write_text('[{"prompt": "a",\n "responses": ["b"], "rewards": [1.0]},\n {"prompt": }]')
+    with pytest.raises(ValueError, match=r"rows\.json, line 3: not valid JSON"):
+        reward_dataset(tokenizer, source="json", data_files=str(path))
+
+
+# --- Tokenize once -------------------------------------------------------------------------------------------------
+
+def test_tokenized_copy_is_reused_until_data_tokenizer_or_settings_change(tmp_path, tokenizer, monkeypatch):
+    module = importlib.import_module("rao_tune.data.reward_dataset")  # the package re-exports a function of that name
+
+    calls = []
+    tokenize = module._tokenize_record
+    monkeypatch.setattr(module, "_tokenize_record", lambda *a, **k: calls.append(1) or tokenize(*a, **k))
+    cache = str(tmp_path / "cache")
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, GOOD])
+
+    def build(**overrides):
+        calls.clear()
+        dataset = reward_dataset(tokenizer, source="json", data_files=path, cache_dir=cache, **overrides)
+        return dataset, len(calls)
+
+    first, tokenized = build()
+    assert tokenized == 3
+    again, tokenized = build()
+    assert tokenized == 0 and again.fingerprint == first.fingerprint and again[2] == first[2]
+    assert build(max_seq_len=64)[1] == 3  # another max_seq_len: another copy
+    plain = PlainTextTokenizer(tokenizer)
+    calls.clear()
+    other = RewardAnnotatedDataset(plain, source="json", data_files=path, cache_dir=cache)
+    assert len(calls) == 3 and other.fingerprint != first.fingerprint  # another tokenizer (chat format)
+    write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD])  # the data changed
+    changed, tokenized = build()
+    assert tokenized == 2 and len(changed) == 2
+    # complete copies only: no partial folder is left behind
+    assert not [p for p in (tmp_path / "cache").iterdir() if "partial" in p.name]

@@ -25,14 +25,13 @@ from torch.utils.data import Dataset
 from torchtune.training import FormattedCheckpointFiles
 from tqdm import tqdm
 
-from rao_tune.files import torch_save_atomically
+from rao_tune.files import hash_file_sample, torch_save_atomically
 from rao_tune.training.logprobs import sequence_logps
 from rao_tune.training.loop import sharded_indices
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "rao_tune.reference_logps.v1"
-_SAMPLE_BYTES = 1 << 20  # bytes hashed at the start, middle and end of each weight file
 
 
 @dataclass
@@ -81,25 +80,12 @@ def checkpoint_files(cfg_checkpointer: Mapping) -> list[Path]:
     return [Path(cfg_checkpointer["checkpoint_dir"]) / name for name in files]
 
 
-def _hash_file_sample(digest: "hashlib._Hash", path: Path) -> None:
-    """Size, modification time and three 1 MiB samples (start, middle, end): any retraining changes them, and
-    reading 3 MiB per file keeps the check to a moment even for a 16 GB checkpoint. A copied checkpoint (new
-    mtime) costs one recomputation; a stale table would cost a wrong run."""
-    stat = path.stat()
-    size = stat.st_size
-    digest.update(f"{path.name}:{size}:{stat.st_mtime_ns}".encode())
-    with path.open("rb") as handle:
-        for offset in sorted({0, max(0, size // 2 - _SAMPLE_BYTES // 2), max(0, size - _SAMPLE_BYTES)}):
-            handle.seek(offset)
-            digest.update(handle.read(_SAMPLE_BYTES))
-
-
 def reference_fingerprint(cfg_checkpointer: Mapping, cfg_model: DictConfig, dtype: torch.dtype, dataset: Dataset) -> str:
-    """sha256 of the reference weight files (sampled, see :func:`_hash_file_sample`), the model config, the dtype
-    and every example's tokens."""
+    """sha256 of the reference weight files (sampled, see :func:`rao_tune.files.hash_file_sample`), the model
+    config, the dtype and every example's tokens."""
     digest = hashlib.sha256(FORMAT_VERSION.encode())
     for path in checkpoint_files(cfg_checkpointer):
-        _hash_file_sample(digest, path)
+        hash_file_sample(digest, path)
     digest.update(OmegaConf.to_yaml(cfg_model, resolve=True).encode())
     digest.update(str(dtype).encode())
     for index in range(len(dataset)):
