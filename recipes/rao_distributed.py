@@ -113,7 +113,7 @@ class RAORecipeDistributed(DistributedRecipe):
 
         return load_or_compute_reference_logps(
             cfg.get("reference_logps_dir", None) or f"{cfg.output_dir}/reference_logps",
-            lambda: reference_fingerprint(reference_checkpointer, cfg.model, self._dtype, self._dataset),
+            lambda: reference_fingerprint(reference_checkpointer, cfg.model, self._dtype, self._dataset.fingerprint),
             compute,
             rank=self.rank,
         )

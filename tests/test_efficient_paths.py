@@ -15,6 +15,7 @@ from rao_tune.training.reference import (
     compute_reference_logps,
     load_or_compute_reference_logps,
     reference_fingerprint,
+    tokens_fingerprint,
 )
 
 from test_logprobs import SAMPLES, direct_batch, tiny_model
@@ -123,7 +124,7 @@ def test_fingerprint_follows_weights_model_dtype_and_tokens(tmp_path):
     model = OmegaConf.create({"_component_": "torchtune.models.llama3.llama3", "vocab_size": 97})
 
     def fingerprint(samples=SAMPLES, cfg_model=model, dtype=torch.float32):
-        return reference_fingerprint(checkpointer, cfg_model, dtype, samples)
+        return reference_fingerprint(checkpointer, cfg_model, dtype, tokens_fingerprint(samples))
 
     base = fingerprint()
     assert fingerprint() == base
@@ -145,4 +146,4 @@ def test_fingerprint_follows_weights_model_dtype_and_tokens(tmp_path):
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"y")
     sharded = {"checkpoint_dir": str(tmp_path),
                "checkpoint_files": {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00002"}}
-    assert reference_fingerprint(sharded, model, torch.float32, SAMPLES) != base
+    assert reference_fingerprint(sharded, model, torch.float32, tokens_fingerprint(SAMPLES)) != base

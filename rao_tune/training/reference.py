@@ -15,7 +15,7 @@ import logging
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,16 +80,23 @@ def checkpoint_files(cfg_checkpointer: Mapping) -> list[Path]:
     return [Path(cfg_checkpointer["checkpoint_dir"]) / name for name in files]
 
 
-def reference_fingerprint(cfg_checkpointer: Mapping, cfg_model: DictConfig, dtype: torch.dtype, dataset: Dataset) -> str:
+def reference_fingerprint(cfg_checkpointer: Mapping, cfg_model: DictConfig, dtype: torch.dtype, data_fingerprint: str) -> str:
     """sha256 of the reference weight files (sampled, see :func:`rao_tune.files.hash_file_sample`), the model
-    config, the dtype and every example's tokens."""
+    config, the dtype and the tokenized data (``data_fingerprint``: a ``RewardAnnotatedDataset``'s fingerprint,
+    which covers data, tokenizer, chat format and ``max_seq_len``, or :func:`tokens_fingerprint`)."""
     digest = hashlib.sha256(FORMAT_VERSION.encode())
     for path in checkpoint_files(cfg_checkpointer):
         hash_file_sample(digest, path)
     digest.update(OmegaConf.to_yaml(cfg_model, resolve=True).encode())
     digest.update(str(dtype).encode())
-    for index in range(len(dataset)):
-        example = dataset[index]
+    digest.update(data_fingerprint.encode())
+    return digest.hexdigest()
+
+
+def tokens_fingerprint(examples: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 of every example's prompt and response tokens, for data that has no fingerprint of its own."""
+    digest = hashlib.sha256()
+    for example in examples:
         for tokens in (example["prompt_tokens"], *example["response_tokens"]):
             digest.update(len(tokens).to_bytes(8, "little"))
             digest.update(array("q", tokens).tobytes())
