@@ -1,8 +1,10 @@
-"""Writing output files so that a crash leaves either the whole file or none of it."""
+"""Writing output files so that a crash leaves either the whole file (or folder) or none of it, and recognising
+files by a sample of their bytes."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -51,3 +53,36 @@ def hash_file_sample(digest: Any, path: Path) -> None:
         for offset in sorted({0, max(0, stat.st_size // 2 - SAMPLE_BYTES // 2), max(0, stat.st_size - SAMPLE_BYTES)}):
             handle.seek(offset)
             digest.update(handle.read(SAMPLE_BYTES))
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` and the folders themselves to disk (before a rename makes them visible)."""
+    path = Path(path)
+    for item in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [path]:
+        descriptor = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Rename the complete folder ``source`` to ``target``; an older ``target`` is moved aside first and deleted
+    after, so a crash at any moment leaves a complete copy under one of the two names."""
+    source, target = Path(source), Path(target)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a folder's entries (a rename inside it) to disk."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
