@@ -22,11 +22,11 @@ from torch import nn
 from torchtune import config, training, utils
 
 from rao_tune.losses import LossOutput, PreferenceLoss, ResponseLogProbs
-from rao_tune.training.checkpoint import instantiate_checkpointer
 from rao_tune.training.distributed import all_reduce_sum
 from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
 from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, preference_statistics
 from rao_tune.training.model import setup_fsdp_model
+from rao_tune.training.preflight import check_checkpoint_matches_model, instantiate_checked
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
 from rao_tune.training.reference import (
     ReferenceLogProbs,
@@ -40,9 +40,34 @@ log = utils.get_logger("INFO")
 
 
 class RAORecipeDistributed(DistributedRecipe):
+    CONFIG_KEYS = frozenset({
+        "ref_checkpointer", "monitor_with_reference", "reference_logps", "reference_logps_dir",
+        "reference_batch_size", "pack_responses", "max_row_tokens", "logprob_chunk_tokens",
+    })
+
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
-        checkpoint = self.setup_logger_and_checkpoint(cfg)
+        # Everything that can be wrong with the loss, data, tokenizer or checkpoint is found before weights load.
+        self.setup_logger(cfg)
+        self._loss_fn: PreferenceLoss = instantiate_checked(cfg.loss, what="loss")
+        self._tokenizer = instantiate_checked(cfg.tokenizer, what="tokenizer")
+        self._dataset = instantiate_checked(cfg.dataset, self._tokenizer, what="dataset")
+        self._loss_fn.check_data(self._dataset.rewards_per_prompt())
+        for name, value in self._loss_fn.calibrate(self._dataset.all_rewards()).items():
+            utils.log_rank_zero(log, f"loss calibrated on the training rewards: {name} = {value:.6g}")
+            if self._is_rank_zero:
+                self._metric_logger.log(f"calibrated/{name}", value, step=0)
+        needs_reference = self._loss_fn.needs_reference or cfg.get("monitor_with_reference", False)
+        reference_mode = cfg.get("reference_logps", "precomputed")
+        if needs_reference and reference_mode not in ("precomputed", "online"):
+            raise ValueError(f"reference_logps must be 'precomputed' or 'online', got {reference_mode!r}")
+        meta_model = self.check_model_inputs(cfg, self._dataset)
+        if needs_reference and cfg.get("ref_checkpointer") is not None:
+            check_checkpoint_matches_model(cfg.ref_checkpointer, meta_model)
+        self._collate = self.batch_collator(cfg, meta_model, self._dataset)
+        self._chunk_tokens = cfg.get("logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
+
+        checkpoint = self.load_starting_checkpoint(cfg)
         self._model_options = self.model_options(cfg)
         self._model = setup_fsdp_model(
             cfg.model,
@@ -50,33 +75,19 @@ class RAORecipeDistributed(DistributedRecipe):
             activation_checkpointing=cfg.enable_activation_checkpointing,
             **self._model_options,
         )
-        self._chunk_tokens = cfg.get("logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
-        self._loss_fn: PreferenceLoss = config.instantiate(cfg.loss)
-
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
-        for name, value in self._loss_fn.calibrate(self._dataset.all_rewards()).items():
-            utils.log_rank_zero(log, f"loss calibrated on the training rewards: {name} = {value:.6g}")
-            if self._is_rank_zero:
-                self._metric_logger.log(f"calibrated/{name}", value, step=0)
-        self._collate = self.batch_collator(cfg, self._model, self._dataset)
-
         # The reference: none for a reference-free loss (unless asked to log true log-ratios), else its
         # log-probs computed once before training (default) or a second model run at every step.
         self._ref_model = None
         reference = "none (reference-free loss: logratio_* metrics are log pi, not log pi/pi_ref)"
-        if self._loss_fn.needs_reference or cfg.get("monitor_with_reference", False):
-            mode = cfg.get("reference_logps", "precomputed")
-            if mode == "precomputed":
+        if needs_reference:
+            if reference_mode == "precomputed":
                 self._dataset = WithReferenceLogProbs(self._dataset, self._precomputed_reference(cfg, checkpoint))
-            elif mode == "online":
-                self._ref_model = self._build_reference(cfg, checkpoint)
             else:
-                raise ValueError(f"reference_logps must be 'precomputed' or 'online', got {mode!r}")
-            reference = f"{mode}{'' if self._loss_fn.needs_reference else ', for metrics only'}"
+                self._ref_model = self._build_reference(cfg, checkpoint)
+            reference = f"{reference_mode}{'' if self._loss_fn.needs_reference else ', for metrics only'}"
         del checkpoint[training.MODEL_KEY]
 
-        self.setup_data_and_optimizer(cfg, self._model, checkpoint, self._collate)
+        self.setup_data_and_optimizer(cfg, self._model, self._collate)
         utils.log_rank_zero(
             log,
             f"{len(self._dataset)} prompts, {self._steps_per_epoch} steps per epoch, {self.world_size} processes, "
@@ -84,15 +95,10 @@ class RAORecipeDistributed(DistributedRecipe):
         )
 
     def _build_reference(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> nn.Module:
-        """The frozen reference model: ``ref_checkpointer`` if configured, else the policy's starting checkpoint
-        (re-read when resuming, since the policy then starts from a trained epoch)."""
+        """The frozen reference model: ``ref_checkpointer`` if configured, else the policy's starting checkpoint."""
         if cfg.get("ref_checkpointer") is not None:
-            state_dict = config.instantiate(cfg.ref_checkpointer, should_load_recipe_state=False).load_checkpoint()
-        elif self._resume_from_checkpoint:
-            state_dict = instantiate_checkpointer(cfg.checkpointer, resume=False).load_checkpoint()
-        else:
-            state_dict = checkpoint
-        return setup_fsdp_model(cfg.model, state_dict[training.MODEL_KEY], trainable=False, **self._model_options)
+            checkpoint = config.instantiate(cfg.ref_checkpointer, should_load_recipe_state=False).load_checkpoint()
+        return setup_fsdp_model(cfg.model, checkpoint[training.MODEL_KEY], trainable=False, **self._model_options)
 
     def _precomputed_reference(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> ReferenceLogProbs:
         """Every example's reference log-probs, read from ``reference_logps_dir`` when this reference, model,
@@ -142,7 +148,7 @@ class RAORecipeDistributed(DistributedRecipe):
     # ------------------------------------------------------------------ train loop
     def train(self) -> None:
         self._optimizer.zero_grad()
-        for epoch in range(self.epochs_run, self.total_epochs):
+        for epoch in self.epochs():
             progress = self.progress_bar(epoch)
             step_sums: dict[str, float] = {}
             step_start = time.perf_counter()
@@ -171,8 +177,7 @@ class RAORecipeDistributed(DistributedRecipe):
                                  progress=progress, started=step_start)
                 step_sums, step_start = {}, time.perf_counter()
             progress.close()
-
-            self.save_checkpoint(self._model, epoch)
+            self.end_epoch(self._model, epoch)
 
 
 @config.parse

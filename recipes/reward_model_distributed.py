@@ -26,6 +26,7 @@ from rao_tune.training.attention import model_inputs
 from rao_tune.training.distributed import all_reduce_sum
 from rao_tune.training.loop import sharded_eval_batches
 from rao_tune.training.model import setup_fsdp_model
+from rao_tune.training.preflight import instantiate_checked
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
 
 log = utils.get_logger("INFO")
@@ -52,25 +53,31 @@ def pair_means(totals: dict[str, float], prefix: str = "") -> dict[str, float]:
 
 
 class RewardModelRecipeDistributed(DistributedRecipe):
+    CONFIG_KEYS = frozenset({"eval_dataset", "eval_batch_size", "pack_responses", "max_row_tokens"})
+
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
-        checkpoint = self.setup_logger_and_checkpoint(cfg)
+        # Loss, data, tokenizer and checkpoint are checked before any weight loads.
+        self.setup_logger(cfg)
+        self._loss_fn: BradleyTerryLoss = instantiate_checked(cfg.loss, what="loss")
+        self._tokenizer = instantiate_checked(cfg.tokenizer, what="tokenizer")
+        self._dataset = instantiate_checked(cfg.dataset, self._tokenizer, what="dataset")
+        self._eval_dataset = None
+        if cfg.get("eval_dataset") is not None:
+            self._eval_dataset = instantiate_checked(cfg.eval_dataset, self._tokenizer, what="eval_dataset")
+        self._loss_fn.check_data(self._dataset.rewards_per_prompt())
+        self._eval_batch_size = cfg.get("eval_batch_size", cfg.batch_size)
+        meta_model = self.check_model_inputs(cfg, self._dataset, self._eval_dataset)
+        self._collate = self.batch_collator(cfg, meta_model, self._dataset, self._eval_dataset)
+
+        checkpoint = self.load_starting_checkpoint(cfg)
         self._model = setup_fsdp_model(
             cfg.model,
             checkpoint.pop(training.MODEL_KEY),
             activation_checkpointing=cfg.enable_activation_checkpointing,
             **self.model_options(cfg),
         )
-        self._loss_fn: BradleyTerryLoss = config.instantiate(cfg.loss)
-
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
-        self._eval_dataset = None
-        if cfg.get("eval_dataset") is not None:
-            self._eval_dataset = config.instantiate(cfg.eval_dataset, self._tokenizer)
-        self._eval_batch_size = cfg.get("eval_batch_size", cfg.batch_size)
-        self._collate = self.batch_collator(cfg, self._model, self._dataset, self._eval_dataset)
-        self.setup_data_and_optimizer(cfg, self._model, checkpoint, self._collate)
+        self.setup_data_and_optimizer(cfg, self._model, self._collate)
         utils.log_rank_zero(
             log,
             f"{len(self._dataset)} training prompts, {len(self._eval_dataset) if self._eval_dataset else 0} held-out, "
@@ -102,7 +109,7 @@ class RewardModelRecipeDistributed(DistributedRecipe):
     # ------------------------------------------------------------------ train loop
     def train(self) -> None:
         self._optimizer.zero_grad()
-        for epoch in range(self.epochs_run, self.total_epochs):
+        for epoch in self.epochs():
             progress = self.progress_bar(epoch)
             step_sums: dict[str, float] = {}
             step_start = time.perf_counter()
@@ -128,7 +135,7 @@ class RewardModelRecipeDistributed(DistributedRecipe):
                 ))
                 if self._is_rank_zero:
                     self._metric_logger.log_dict(eval_metrics, step=self.global_step)
-            self.save_checkpoint(self._model, epoch)
+            self.end_epoch(self._model, epoch)
 
 
 @config.parse

@@ -22,6 +22,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
 from rao_tune.training.distributed import all_reduce_sum
 from rao_tune.training.model import setup_fsdp_model
+from rao_tune.training.preflight import instantiate_checked
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
 
 log = utils.get_logger("INFO")
@@ -30,21 +31,24 @@ log = utils.get_logger("INFO")
 class SFTRecipeDistributed(DistributedRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
-        checkpoint = self.setup_logger_and_checkpoint(cfg)
+        # Loss, tokenizer, data and the checkpoint's config are checked before any weight loads.
+        self.setup_logger(cfg)
+        self._loss_fn = instantiate_checked(cfg.loss, what="loss")  # e.g. torchtune's CEWithChunkedOutputLoss
+        self._tokenizer = instantiate_checked(cfg.tokenizer, what="tokenizer")
+        self._dataset = instantiate_checked(cfg.dataset, self._tokenizer, what="dataset")
+        self.check_model_inputs(cfg)
+
+        checkpoint = self.load_starting_checkpoint(cfg)
         self._model = setup_fsdp_model(
             cfg.model,
             checkpoint.pop(training.MODEL_KEY),
             activation_checkpointing=cfg.enable_activation_checkpointing,
             **self.model_options(cfg),
         )
-        self._loss_fn = config.instantiate(cfg.loss)  # e.g. torchtune.modules.loss.CEWithChunkedOutputLoss
         # The loss takes the logits in chunks, so no full-vocabulary fp32 logits of the batch exist at once.
         self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
         collate = partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
-        self.setup_data_and_optimizer(cfg, self._model, checkpoint, collate_fn=collate)
+        self.setup_data_and_optimizer(cfg, self._model, collate)
         utils.log_rank_zero(
             log, f"{len(self._dataset)} conversations, {self._steps_per_epoch} steps per epoch, {self.world_size} processes"
         )
@@ -52,7 +56,7 @@ class SFTRecipeDistributed(DistributedRecipe):
     # ------------------------------------------------------------------ train loop
     def train(self) -> None:
         self._optimizer.zero_grad()
-        for epoch in range(self.epochs_run, self.total_epochs):
+        for epoch in self.epochs():
             progress = self.progress_bar(epoch)
             step_sums: dict[str, float] = {}
             step_start = time.perf_counter()
@@ -76,7 +80,7 @@ class SFTRecipeDistributed(DistributedRecipe):
                                  progress=progress, started=step_start)
                 step_sums, step_start = {}, time.perf_counter()
             progress.close()
-            self.save_checkpoint(self._model, epoch)
+            self.end_epoch(self._model, epoch)
 
 
 @config.parse

@@ -29,14 +29,14 @@ class StopAfterFirstEpoch(Exception):
 
 
 def crash_after_first_checkpoint(monkeypatch, recipe_class):
-    """Make ``recipe_class`` stop like a killed job right after writing its first epoch checkpoint."""
-    save = recipe_class.save_checkpoint
+    """Make ``recipe_class`` stop like a killed job right after its first epoch's export and checkpoint."""
+    end_epoch = recipe_class.end_epoch
 
-    def save_then_crash(self, *args, **kwargs):
-        save(self, *args, **kwargs)
+    def end_epoch_then_crash(self, *args, **kwargs):
+        end_epoch(self, *args, **kwargs)
         raise StopAfterFirstEpoch
 
-    monkeypatch.setattr(recipe_class, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(recipe_class, "end_epoch", end_epoch_then_crash)
 
 
 def paper_config_on_tiny_assets(tiny_assets, tmp_path, tiny_config, num_prompts=8):

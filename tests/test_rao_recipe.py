@@ -12,6 +12,7 @@ from torchtune.models.llama3 import llama3
 from rao_tune.data import collate_packed_batch, collate_reward_batch, reward_dataset
 from rao_tune.losses import RAOLoss
 from rao_tune.training.logprobs import sequence_logps
+from rao_tune.training.checkpoint import complete_checkpoints, read_trainer_state
 from rao_tune.training.metrics import read_disk_log
 from rao_tune.training.reference import compute_reference_logps
 
@@ -180,8 +181,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(monkeypatch
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 4 \(epoch 2\); no update was applied"):
         run_in_process(monkeypatch, tiny_assets, output_dir, "epochs=3", "max_steps_per_epoch=3")
     assert (output_dir / "epoch_0").exists() and not (output_dir / "epoch_1").exists()
-    recipe_state = torch.load(output_dir / "recipe_state" / "recipe_state.pt", weights_only=False)
-    assert recipe_state[training.EPOCHS_KEY] == 1
+    (last,) = complete_checkpoints(output_dir)  # the first epoch's end; nothing after the refused update
+    assert read_trainer_state(last)["progress"] == {"epoch": 1, "step_in_epoch": 0, "global_step": 3}
     weights = load_tune_model(output_dir / "epoch_0", tiny_assets, tmp_path).state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values())
 

@@ -16,7 +16,6 @@ from rao_tune.losses import BradleyTerryLoss, preference_pairs
 from rao_tune.losses.functional import bradley_terry_loss, pairwise_accuracy
 from rao_tune.models import RewardModelHFCheckpointer, init_score_head, last_token_scores, reward_model
 from rao_tune.tiny import build_llama3_checkpoint, build_qwen2_checkpoint
-from rao_tune.training.checkpoint import instantiate_checkpointer
 from rao_tune.training.attention import model_inputs
 from rao_tune.training.loop import sharded_eval_batches
 
@@ -166,26 +165,6 @@ def test_reward_checkpoint_round_trip_through_transformers(tmp_path, family):
     reloaded = RewardModelHFCheckpointer(str(saved), str(tmp_path / "again"), model_type=family)
     for name, value in reloaded.load_checkpoint()[training.MODEL_KEY].items():
         torch.testing.assert_close(value, model.state_dict()[name], msg=name)
-
-
-def test_resume_reads_the_last_epoch_even_when_files_are_given_as_a_shard_format(tmp_path):
-    """A paper config names its files as {filename_format, max_filename}; resuming replaces that mapping."""
-    kwargs = build_llama3_checkpoint(tmp_path / "sft", 64, seed=0)
-    cfg = OmegaConf.create({
-        "_component_": "rao_tune.models.RewardModelHFCheckpointer", "checkpoint_dir": str(tmp_path / "sft"),
-        "output_dir": str(tmp_path / "out"), "model_type": "LLAMA3",
-        "checkpoint_files": {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00001"},
-    })
-    (tmp_path / "sft" / "model.safetensors").rename(tmp_path / "sft" / "model-00001-of-00001.safetensors")
-    model = reward_model("torchtune.models.llama3.llama3", **kwargs)
-    model.load_state_dict(instantiate_checkpointer(cfg, resume=False).load_checkpoint()[training.MODEL_KEY])
-    model.output.weight.data.fill_(0.5)
-    state = {training.MODEL_KEY: model.state_dict(), training.EPOCHS_KEY: 1, training.SEED_KEY: 0}
-    instantiate_checkpointer(cfg, resume=False).save_checkpoint(state, epoch=0, intermediate_checkpoint=True)
-
-    resumed = instantiate_checkpointer(cfg, resume=True).load_checkpoint()
-    assert resumed[training.EPOCHS_KEY] == 1
-    assert torch.equal(resumed[training.MODEL_KEY]["output.weight"], torch.full((1, 64), 0.5))
 
 
 def test_scoring_refuses_a_checkpoint_without_a_trained_head(tmp_path):

@@ -12,7 +12,9 @@ pytestmark = pytest.mark.slow
 
 def test_every_stage_produces_its_outputs_and_the_aligned_models_are_scored(tmp_path):
     out = tmp_path / "toy"
-    summary = run_pipeline(out, scale=0.05, log=lambda message: None)
+    # Below ~0.3 the SFT model samples only wrong answers: every prompt's rewards tie, and the reward model stage
+    # rightly refuses data without a single preference pair.
+    summary = run_pipeline(out, scale=0.3, log=lambda message: None)
 
     assert (out / "sft" / "epoch_1" / "config.json").exists()
     samples = [json.loads(line) for line in (out / "samples" / "train.jsonl").read_text().splitlines()]

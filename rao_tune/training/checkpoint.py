@@ -1,104 +1,179 @@
-"""Saving and resuming a sharded run through torchtune's checkpointers (HF format in and out)."""
+"""Step checkpoints that survive a kill at any moment, and HF-format exports.
+
+What a resumed run needs lives in ``output_dir/checkpoints/step_{N}/``: a sharded ``torch.distributed.checkpoint``
+(DCP) of model and optimizer (each process writes its own shards, in parallel), ``trainer_state.pt`` (LR schedule,
+position in the data, the run's settings) and each process's RNG states. A checkpoint is written into
+``step_{N}.partial/`` and renamed once every file is on disk (fsync'd), so a folder without ``.partial`` is
+complete; a kill leaves at most a ``.partial`` folder, which the next save or resume ignores and deletes. The last
+``keep_last_n`` complete checkpoints are kept.
+
+Weights for users (transformers, vllm, the pipeline's next stage) are exported in HF format to
+``output_dir/epoch_N/`` at each epoch end, through a staging folder and a rename as well;
+``recipes/export_checkpoint.py`` exports any step checkpoint the same way.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+import random
+import re
+import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+import torch.distributed.checkpoint as dcp
 from torch import nn
-from torchtune import config, training
-from torchtune.training.checkpointing._utils import RECIPE_STATE_DIRNAME
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torchtune import training, utils
 
-log = logging.getLogger(__name__)
+from rao_tune.files import fsync_tree, replace_dir, torch_save_atomically
+
+log = utils.get_logger("INFO")
+
+CHECKPOINTS_DIR = "checkpoints"
+STAGING_DIR = ".staging"  # torchtune's checkpointer writes exports here before they are renamed into place
+TRAINER_STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Settings a resumed run must share with the run it continues (else its data order or schedule would shift).
+RUN_SETTINGS = ("seed", "total_epochs", "max_steps_per_epoch", "steps_per_epoch", "world_size", "batch_size",
+                "gradient_accumulation_steps")
 
 
-def save_epoch_checkpoint(
-    checkpointer: Any,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    epoch: int,
-    total_epochs: int,
-    recipe_state: dict[str, Any],
-    device: torch.device,
+@dataclass
+class Progress:
+    """Where training stands: the epoch in progress (``total_epochs`` once finished), the optimizer steps done
+    in it, and in all."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete step checkpoints of a run, oldest first (``.partial`` folders are not complete)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    found = [(int(match.group(1)), path) for path in root.glob("step_*") if (match := _STEP_DIR.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StepCheckpointer:
+    """Saves and restores step checkpoints of one run (collective calls: every process makes them).
+
+    Args:
+        output_dir: the run's folder; checkpoints go to ``output_dir/checkpoints``.
+        keep_last_n: complete checkpoints kept (None: all).
+        async_save: write the DCP shards in the background (``dcp.async_save``) while training goes on; the
+            checkpoint is committed (renamed) when the next save starts or the run ends.
+    """
+
+    def __init__(self, output_dir: Path, *, keep_last_n: Optional[int], async_save: bool, rank: int) -> None:
+        self.root = Path(output_dir) / CHECKPOINTS_DIR
+        self.keep_last_n, self.async_save, self.rank = keep_last_n, async_save, rank
+        self._pending: Optional[tuple[Any, Path, Path, float]] = None
+
+    def save(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any, progress: Progress,
+        run_settings: dict[str, Any],
+    ) -> None:
+        self.finish()  # one checkpoint at a time: the previous one is committed first
+        started = time.perf_counter()
+        final = self.root / f"step_{progress.global_step:08d}"
+        partial = final.with_name(final.name + ".partial")
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
+            partial.mkdir(parents=True)
+        _barrier()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        torch_save_atomically(_rng_state(), partial / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            trainer_state = {"lr_scheduler": lr_scheduler.state_dict(), "progress": asdict(progress), **run_settings}
+            torch_save_atomically(trainer_state, partial / TRAINER_STATE)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        if self.async_save:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(partial)), partial, final, started)
+            return
+        dcp.save(state, checkpoint_id=str(partial))
+        self._commit(partial, final, started)
+
+    def finish(self) -> None:
+        """Commit an asynchronous save still in flight (collective; a no-op otherwise)."""
+        if self._pending is not None:
+            future, partial, final, started = self._pending
+            self._pending = None
+            future.result()
+            self._commit(partial, final, started)
+
+    def _commit(self, partial: Path, final: Path, started: float) -> None:
+        _barrier()  # every process's files are written
+        if self.rank == 0:
+            fsync_tree(partial)
+            replace_dir(partial, final)
+            for stale in complete_checkpoints(self.root.parent)[: -self.keep_last_n] if self.keep_last_n else []:
+                shutil.rmtree(stale, ignore_errors=True)
+            size = sum(f.stat().st_size for f in final.iterdir())
+            log.info("Saved step checkpoint %s (%.1f MiB) in %.2f s", final, size / 2**20, time.perf_counter() - started)
+        _barrier()
+
+    def load(
+        self, checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any
+    ) -> tuple[Progress, dict[str, Any]]:
+        """Restore model, optimizer, schedule and this process's RNG from ``checkpoint``; return the progress and
+        the run settings it was written with."""
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # (creates the optimizer's state)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(checkpoint))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        trainer_state = read_trainer_state(checkpoint)
+        lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        rng_path = Path(checkpoint) / f"rng_rank{self.rank}.pt"
+        _set_rng_state(torch.load(rng_path, weights_only=False))  # our own file: numpy's state is not a tensor
+        return Progress(**trainer_state["progress"]), trainer_state
+
+
+def export_hf_checkpoint(
+    checkpointer: Any, model: nn.Module, *, name: str, staging_epoch: int, output_dir: Path, device: torch.device,
     is_rank_zero: bool,
 ) -> None:
-    """Write the model as an HF checkpoint in ``output_dir/epoch_{epoch}``; before the last epoch also the
-    optimizer and ``recipe_state`` (seed, epochs run, ...) so ``resume_from_checkpoint=True`` can continue.
+    """Write the model as an HF checkpoint to ``output_dir/name`` (collective: the weights are gathered).
 
-    Every rank must call this: gathering the sharded weights and optimizer state is collective.
+    ``checkpointer`` (torchtune's HF checkpointer or ours) must have been built with its output directory at
+    ``output_dir/.staging``: it writes ``epoch_{staging_epoch}`` there, which is synced and renamed into place.
     """
-    start = time.perf_counter()
-    intermediate = epoch + 1 < total_epochs
+    started = time.perf_counter()
     model_state = training.gather_cpu_state_dict(model, is_rank_zero, device=device)
-    optimizer_state = (
-        training.get_full_optimizer_state_dict(model, optimizer, is_rank_zero, device=device) if intermediate else None
-    )
     if is_rank_zero:
-        state: dict[str, Any] = {training.MODEL_KEY: model_state}
-        if intermediate:
-            state.update({training.OPT_KEY: optimizer_state, **recipe_state})
-        checkpointer.save_checkpoint(state, epoch=epoch, intermediate_checkpoint=intermediate)
-        log.info("Saved epoch %d checkpoint in %.1f s", epoch, time.perf_counter() - start)
-    dist.barrier()
+        checkpointer.save_checkpoint({training.MODEL_KEY: model_state}, epoch=staging_epoch, intermediate_checkpoint=False)
+        staged = Path(output_dir) / STAGING_DIR / f"epoch_{staging_epoch}"
+        fsync_tree(staged)
+        replace_dir(staged, Path(output_dir) / name)
+        log.info("Exported %s in HF format in %.1f s", Path(output_dir) / name, time.perf_counter() - started)
+    _barrier()
 
 
-def check_resume_state(checkpoint: dict[str, Any], *, seed: int, total_epochs: int, max_steps_per_epoch: Any) -> int:
-    """Validate a loaded recipe state against the config; return how many epochs were already run.
-
-    A resumed run only reproduces the uninterrupted one with the same seed and step budget, so a mismatch
-    is an error rather than a silent divergence.
-    """
-    for key, expected in (
-        (training.SEED_KEY, seed),
-        (training.TOTAL_EPOCHS_KEY, total_epochs),
-        (training.MAX_STEPS_KEY, max_steps_per_epoch),
-    ):
-        if key in checkpoint and checkpoint[key] != expected:
-            raise ValueError(
-                f"resume_from_checkpoint: the checkpoint was written with {key}={checkpoint[key]!r} but the config "
-                f"says {expected!r}; use the original value to resume this run"
-            )
-    if training.EPOCHS_KEY not in checkpoint:
-        raise ValueError("resume_from_checkpoint=True but the checkpoint has no recipe state (recipe_state.pt)")
-    return int(checkpoint[training.EPOCHS_KEY])
-
-
-def instantiate_checkpointer(cfg_checkpointer: DictConfig, *, resume: bool) -> Any:
-    """The configured checkpointer; with ``resume`` it reads the epoch that the saved recipe state belongs to.
-
-    torchtune 0.6.1 resumes from ``output_dir/<checkpoint_files>``, so a user would have to rewrite
-    ``checkpoint_files`` by hand. Here ``resume_from_checkpoint=True`` alone suffices: the recipe state
-    says how many epochs ran (N), and the model is read from ``output_dir/epoch_{N-1}``, never from a
-    later, possibly half-written folder.
-    """
-    if not resume:
-        return config.instantiate(cfg_checkpointer, should_load_recipe_state=False)
-    output_dir = Path(cfg_checkpointer.output_dir)
-    state_path = output_dir / RECIPE_STATE_DIRNAME / "recipe_state.pt"
-    if not state_path.exists():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint=True but {state_path} does not exist: no epoch of this run finished "
-            "before the last one (the final epoch saves no recipe state), so there is nothing to resume"
-        )
-    # mmap: only the epoch count is read here, not the (large) optimizer state.
-    epochs_run = torch.load(state_path, mmap=True, weights_only=True, map_location="cpu")[training.EPOCHS_KEY]
-    epoch_dir = output_dir / f"epoch_{epochs_run - 1}"
-    index_path = next(epoch_dir.glob("*.index.json"), None)
-    if index_path is not None:
-        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in epoch_dir.glob("*.safetensors")) or sorted(p.name for p in epoch_dir.glob("*.bin"))
-    if not files:
-        raise FileNotFoundError(f"resume_from_checkpoint=True but {epoch_dir} holds no model files")
-    log.info("Resuming after epoch %d from %s", epochs_run, epoch_dir)
-    # Replace, not merge: the configured files may be torchtune's {filename_format, max_filename} mapping.
-    resumed = cfg_checkpointer.copy()
-    OmegaConf.update(resumed, "checkpoint_files", [f"{epoch_dir.name}/{name}" for name in files], merge=False)
-    return config.instantiate(resumed, should_load_recipe_state=True, recipe_checkpoint=None)
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,8 +1,9 @@
-"""The pieces of a training loop that the RAO and reward-model recipes share: data loading, optimizer and
-schedule set-up (with resume), one guarded optimizer step, and evenly sharded evaluation batches."""
+"""The pieces of a training loop that the recipes share: resumable data loading, optimizer and schedule set-up,
+one guarded optimizer step, and evenly sharded evaluation batches."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -10,8 +11,24 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchtune import config, training
+from torchtune import config
 
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` whose next pass can start after its first ``n`` batches, so a run resumed in the
+    middle of an epoch sees exactly the batches the uninterrupted run would have seen next."""
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.batch_size, self._skip = batch_size, 0
+
+    def skip_batches(self, num_batches: int) -> None:
+        """Leave out the first ``num_batches`` batches of the next pass only."""
+        self._skip = num_batches * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
 
 
 def build_dataloader(
@@ -23,18 +40,14 @@ def build_dataloader(
     shuffle: bool,
     seed: int,
     collate_fn: Callable[[list], dict],
-) -> tuple[DistributedSampler, DataLoader]:
+) -> tuple[ResumableSampler, DataLoader]:
     """Each rank gets ``batch_size`` examples (prompts with all their responses, for preference data) per
     micro-batch; the last partial batch is dropped so every rank and micro-batch holds the same number of them
     and means of means stay exact."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=collate_fn,
+    sampler = ResumableSampler(
+        dataset, batch_size=batch_size, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
     )
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn)
     return sampler, loader
 
 
@@ -49,24 +62,11 @@ def steps_per_epoch(
     return steps
 
 
-def setup_optimizer(
-    cfg: DictConfig,
-    model: nn.Module,
-    *,
-    checkpoint: dict[str, Any],
-    resume: bool,
-    device: torch.device,
-    total_steps: int,
-    steps_done: int,
-) -> tuple[torch.optim.Optimizer, Any]:
-    """Optimizer and LR schedule from ``cfg.optimizer`` / ``cfg.lr_scheduler``; on resume the optimizer state is
-    loaded into the shards and the schedule continues from ``steps_done``."""
+def setup_optimizer(cfg: DictConfig, model: nn.Module, *, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """Optimizer and LR schedule from ``cfg.optimizer`` / ``cfg.lr_scheduler``, at step 0 (a resumed run loads
+    both states from its step checkpoint)."""
     optimizer = config.instantiate(cfg.optimizer, model.parameters())
-    if resume:
-        training.load_from_full_optimizer_state_dict(model, optimizer, checkpoint[training.OPT_KEY], device)
-    lr_scheduler = config.instantiate(
-        cfg.lr_scheduler, optimizer, num_training_steps=total_steps, last_epoch=steps_done - 1
-    )
+    lr_scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     return optimizer, lr_scheduler
 
 
@@ -80,7 +80,7 @@ def guarded_optimizer_step(
     where: str,
 ) -> Optional[float]:
     """Clip, check, step. A non-finite loss or gradient norm raises before the update reaches the weights, so
-    the last saved epoch stays the last good checkpoint. ``loss`` must already be reduced over ranks so that
+    the last saved checkpoint stays the last good one. ``loss`` must already be reduced over ranks so that
     every rank takes the same decision. Returns the gradient norm (before clipping) when clipping."""
     grad_norm = None
     if clip_grad_norm is not None:
@@ -91,30 +91,13 @@ def guarded_optimizer_step(
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
         raise FloatingPointError(
             f"Stopping: the {what} at {where}; no update was applied. The last good checkpoint is the latest "
-            "epoch_* folder in the output_dir (if any epoch finished). Lower the learning rate, check the scale "
-            "of the rewards against the loss's hyperparameters, or use dtype=fp32."
+            "checkpoints/step_* folder in the output_dir (resume_from_checkpoint=True). Lower the learning rate, "
+            "check the scale of the rewards against the loss's hyperparameters, or use dtype=fp32."
         )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr_scheduler.step()
     return grad_norm
-
-
-STEPS_PER_EPOCH_KEY = "steps_per_epoch"
-
-
-def recipe_state(
-    *, seed: int, epochs_run: int, total_epochs: int, max_steps_per_epoch: Optional[int], steps_per_epoch: int
-) -> dict:
-    """What a resumed run checks and continues from (see ``check_resume_state``). ``steps_per_epoch`` pins the
-    step layout (processes x batch size x accumulation): another layout would shift the LR schedule."""
-    return {
-        training.SEED_KEY: seed,
-        training.EPOCHS_KEY: epochs_run,
-        training.TOTAL_EPOCHS_KEY: total_epochs,
-        training.MAX_STEPS_KEY: max_steps_per_epoch,
-        STEPS_PER_EPOCH_KEY: steps_per_epoch,
-    }
 
 
 def sharded_indices(num_examples: int, *, batch_size: int, world_size: int, rank: int) -> Iterator[list[int]]:

@@ -1,43 +1,57 @@
 """What every training recipe of rao_tune does the same way, so the recipe files hold only what is theirs:
-process group and seed, metric logger, checkpoint loading and resume checks, FSDP2 model set-up, data loader,
-optimizer and schedule, the guarded optimizer step, per-step system metrics and the epoch checkpoint."""
+checks before anything loads, process group and seed, metric logger, the starting checkpoint, FSDP2 model
+set-up, data loader, optimizer and schedule, the guarded optimizer step, per-step system metrics, step
+checkpoints with resume, and HF exports at epoch ends."""
 
 from __future__ import annotations
 
 import logging
 import time
 from functools import partial
-from typing import Any, Callable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from rao_tune.data import collate_reward_batch, longest_sequence
+from rao_tune.data import collate_reward_batch
 from rao_tune.training.attention import packed_collator
-from rao_tune.training.checkpoint import check_resume_state, instantiate_checkpointer, save_epoch_checkpoint
-from rao_tune.training.distributed import init_distributed
-from rao_tune.training.loop import (
-    STEPS_PER_EPOCH_KEY,
-    build_dataloader,
-    guarded_optimizer_step,
-    recipe_state,
-    setup_optimizer,
-    steps_per_epoch,
+from rao_tune.training.checkpoint import (
+    RUN_SETTINGS,
+    STAGING_DIR,
+    Progress,
+    StepCheckpointer,
+    export_hf_checkpoint,
 )
+from rao_tune.training.distributed import init_distributed
+from rao_tune.training.loop import build_dataloader, guarded_optimizer_step, setup_optimizer, steps_per_epoch
 from rao_tune.training.metrics import memory_stats
+from rao_tune.training.preflight import (
+    COMMON_KEYS,
+    check_checkpoint_matches_model,
+    check_config,
+    check_output_dir,
+    check_token_ids,
+    finished,
+)
 
 log = logging.getLogger(__name__)
 
 
 class DistributedRecipe:
-    """Base of the recipes: subclasses write ``setup`` (calling the ``setup_*`` helpers in order) and ``train``."""
+    """Base of the training recipes: subclasses write ``setup`` (calling the ``setup_*`` helpers in order) and
+    ``train`` (looping over :meth:`epochs` and :meth:`micro_batches`, ending each optimizer step with
+    :meth:`finish_step` and each epoch with :meth:`end_epoch`). ``CONFIG_KEYS`` lists the top-level keys the
+    recipe reads beyond the common ones; any other key is refused before anything starts."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, cfg: DictConfig, resume_from: Optional[Path] = None) -> None:
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self.world_size, self.rank = init_distributed(self._device)
@@ -49,23 +63,47 @@ class DistributedRecipe:
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
-        self._resume_from_checkpoint = cfg.resume_from_checkpoint
-        self.epochs_run = 0
-        self.global_step = 0
+        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        self._output_dir = Path(cfg.output_dir)
+        self._resume_from = resume_from
+        self.progress = Progress()
+        self._step_checkpointer = StepCheckpointer(
+            self._output_dir, keep_last_n=cfg.get("keep_last_n", None),
+            async_save=cfg.get("async_checkpoint", False), rank=self.rank,
+        )
 
-    def setup_logger_and_checkpoint(self, cfg: DictConfig) -> dict[str, Any]:
-        """Metric logger (rank 0), then the starting checkpoint: the configured one, or with
-        ``resume_from_checkpoint=True`` the last finished epoch with its optimizer and recipe state."""
+    @property
+    def global_step(self) -> int:
+        return self.progress.global_step
+
+    # ------------------------------------------------------------------ set-up helpers, in the order recipes call them
+    def setup_logger(self, cfg: DictConfig) -> None:
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
-        self._checkpointer = instantiate_checkpointer(cfg.checkpointer, resume=self._resume_from_checkpoint)
-        checkpoint = self._checkpointer.load_checkpoint()
-        if self._resume_from_checkpoint:
-            self.epochs_run = check_resume_state(
-                checkpoint, seed=self.seed, total_epochs=self.total_epochs, max_steps_per_epoch=self.max_steps_per_epoch
-            )
-        return checkpoint
+
+    def meta_model(self, cfg: DictConfig) -> nn.Module:
+        """The configured model on the meta device: its shapes, for checks, without a byte of weights."""
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            return config.instantiate(cfg.model)
+
+    def check_model_inputs(self, cfg: DictConfig, *datasets: Optional[Dataset]) -> nn.Module:
+        """Before the weights load: the checkpoint's ``config.json`` against the configured model and
+        ``model_type``, and the data's token ids against the vocabulary. Returns the meta model."""
+        model = self.meta_model(cfg)
+        check_checkpoint_matches_model(cfg.checkpointer, model)
+        for dataset in datasets:
+            if dataset is not None and hasattr(dataset, "max_token_id"):
+                check_token_ids(dataset.max_token_id, model, dataset.origin)
+        return model
+
+    def load_starting_checkpoint(self, cfg: DictConfig) -> dict[str, Any]:
+        """The configured starting weights (also when resuming: the step checkpoint is loaded over them, and the
+        checkpointer learns the file layout it exports with). Exports are staged in ``output_dir/.staging``."""
+        self._checkpointer = config.instantiate(
+            cfg.checkpointer, output_dir=str(self._output_dir / STAGING_DIR), should_load_recipe_state=False
+        )
+        return self._checkpointer.load_checkpoint()
 
     def model_options(self, cfg: DictConfig) -> dict[str, Any]:
         """Keyword arguments of :func:`rao_tune.training.model.setup_fsdp_model` from the config."""
@@ -91,15 +129,14 @@ class DistributedRecipe:
             pad_id=self._tokenizer.pad_id,
             device=self._device,
             model_max_seq_len=model.max_seq_len,
-            longest=max(longest_sequence(dataset) for dataset in datasets if dataset is not None),
+            longest=max(dataset.longest_sequence for dataset in datasets if dataset is not None),
             max_row_tokens=cfg.get("max_row_tokens", None),
         )
 
-    def setup_data_and_optimizer(
-        self, cfg: DictConfig, model: nn.Module, checkpoint: dict[str, Any], collate_fn: Callable
-    ) -> None:
-        """Loader over ``self._dataset`` (batches made by ``collate_fn``), steps per epoch, and the optimizer and
-        schedule of ``model``."""
+    def setup_data_and_optimizer(self, cfg: DictConfig, model: nn.Module, collate_fn: Callable) -> None:
+        """Loader over ``self._dataset`` (batches made by ``collate_fn``), steps per epoch, the optimizer and
+        schedule of ``model``, and, when resuming, their state from the step checkpoint."""
+        self._batch_size = cfg.batch_size
         self._sampler, self._dataloader = build_dataloader(
             self._dataset,
             batch_size=cfg.batch_size,
@@ -115,29 +152,46 @@ class DistributedRecipe:
             max_steps_per_epoch=self.max_steps_per_epoch,
             explain=f"{len(self._dataset)} examples, batch_size={cfg.batch_size}, {self.world_size} processes",
         )
-        saved_steps = checkpoint.get(STEPS_PER_EPOCH_KEY)
-        if self._resume_from_checkpoint and saved_steps is not None and saved_steps != self._steps_per_epoch:
-            raise ValueError(
-                f"resume_from_checkpoint: the run had {saved_steps} steps per epoch, this config gives "
-                f"{self._steps_per_epoch} ({self.world_size} processes, batch_size={cfg.batch_size}, "
-                f"gradient_accumulation_steps={self._gradient_accumulation_steps}); resume with the original layout"
-            )
-        self.global_step = self.epochs_run * self._steps_per_epoch
         self._optimizer, self._lr_scheduler = setup_optimizer(
-            cfg,
-            model,
-            checkpoint=checkpoint,
-            resume=self._resume_from_checkpoint,
-            device=self._device,
-            total_steps=self.total_epochs * self._steps_per_epoch,
-            steps_done=self.global_step,
+            cfg, model, total_steps=self.total_epochs * self._steps_per_epoch
         )
+        if self._resume_from is not None:
+            self.progress, saved = self._step_checkpointer.load(
+                self._resume_from, model, self._optimizer, self._lr_scheduler
+            )
+            changed = {key: (saved.get(key), value) for key, value in self.run_settings().items()
+                       if saved.get(key) != value}
+            if changed:
+                raise ValueError(
+                    f"resume_from_checkpoint: {self._resume_from} was written with other settings "
+                    + ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in changed.items())
+                    + "; resume with the original ones (they fix the data order and the LR schedule)"
+                )
+            utils.log_rank_zero(log, f"Resumed from {self._resume_from}: epoch {self.progress.epoch + 1}, "
+                                     f"step {self.progress.global_step}")
+
+    def run_settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues."""
+        settings = {
+            "seed": self.seed, "total_epochs": self.total_epochs, "max_steps_per_epoch": self.max_steps_per_epoch,
+            "steps_per_epoch": self._steps_per_epoch, "world_size": self.world_size, "batch_size": self._batch_size,
+            "gradient_accumulation_steps": self._gradient_accumulation_steps,
+        }
+        assert set(settings) == set(RUN_SETTINGS)
+        return settings
+
+    # ------------------------------------------------------------------ the loop's pieces
+    def epochs(self) -> range:
+        """The epochs still to run (all of them, or from the resumed one on)."""
+        return range(self.progress.epoch, self.total_epochs)
 
     def micro_batches(self, epoch: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """This epoch's micro-batches on the device, ``(index, batch)``, up to ``steps_per_epoch`` optimizer steps;
-        each epoch has its own reproducible shuffle."""
+        each epoch has its own reproducible shuffle, and a resumed epoch starts after its last saved step."""
         self._sampler.set_epoch(epoch)
-        for micro_step, batch in enumerate(self._dataloader):
+        done = self.progress.step_in_epoch * self._gradient_accumulation_steps if epoch == self.progress.epoch else 0
+        self._sampler.skip_batches(done)
+        for micro_step, batch in enumerate(self._dataloader, start=done):
             if micro_step // self._gradient_accumulation_steps >= self._steps_per_epoch:
                 return
             yield micro_step, {key: value.to(self._device) for key, value in batch.items()}
@@ -147,7 +201,8 @@ class DistributedRecipe:
         return (micro_step + 1) % self._gradient_accumulation_steps == 0
 
     def progress_bar(self, epoch: int) -> tqdm:
-        return tqdm(total=self._steps_per_epoch, disable=not self._is_rank_zero, desc=f"epoch {epoch + 1}")
+        done = self.progress.step_in_epoch if epoch == self.progress.epoch else 0
+        return tqdm(total=self._steps_per_epoch, initial=done, disable=not self._is_rank_zero, desc=f"epoch {epoch + 1}")
 
     def optimizer_step(self, model: nn.Module, loss: float, epoch: int) -> float | None:
         """Clip, refuse a non-finite update, step optimizer and schedule; returns the gradient norm."""
@@ -159,7 +214,8 @@ class DistributedRecipe:
             clip_grad_norm=self._clip_grad_norm,
             where=f"step {self.global_step + 1} (epoch {epoch + 1})",
         )
-        self.global_step += 1
+        self.progress.global_step += 1
+        self.progress.step_in_epoch += 1
         return grad_norm
 
     def log_step(self, metrics: dict[str, float], *, tokens: float, elapsed: float, grad_norm: float | None) -> None:
@@ -183,41 +239,42 @@ class DistributedRecipe:
         started: float,
     ) -> None:
         """The end of an optimizer step: guarded update, metrics (with the step's wall time since ``started``),
-        progress bar."""
+        progress bar, and a step checkpoint every ``save_every_n_steps`` (the epoch's last step saves at its end)."""
         grad_norm = self.optimizer_step(model, loss, epoch)
         self.log_step(metrics, tokens=tokens, elapsed=time.perf_counter() - started, grad_norm=grad_norm)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4g}")
+        every = self._save_every_n_steps
+        if every and self.global_step % every == 0 and self.progress.step_in_epoch < self._steps_per_epoch:
+            self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.run_settings())
 
-    def save_checkpoint(self, model: nn.Module, epoch: int) -> None:
-        """The HF checkpoint of ``epoch`` (and, before the last epoch, what resuming needs). Collective."""
-        self.epochs_run = epoch + 1
-        save_epoch_checkpoint(
-            self._checkpointer,
-            model,
-            self._optimizer,
-            epoch=epoch,
-            total_epochs=self.total_epochs,
-            recipe_state=recipe_state(
-                seed=self.seed,
-                epochs_run=self.epochs_run,
-                total_epochs=self.total_epochs,
-                max_steps_per_epoch=self.max_steps_per_epoch,
-                steps_per_epoch=self._steps_per_epoch,
-            ),
-            device=self._device,
-            is_rank_zero=self._is_rank_zero,
+    def end_epoch(self, model: nn.Module, epoch: int) -> None:
+        """The HF export ``output_dir/epoch_{epoch}`` and a step checkpoint at the epoch's end. Collective."""
+        self.progress = Progress(epoch=epoch + 1, step_in_epoch=0, global_step=self.global_step)
+        export_hf_checkpoint(
+            self._checkpointer, model, name=f"epoch_{epoch}", staging_epoch=epoch, output_dir=self._output_dir,
+            device=self._device, is_rank_zero=self._is_rank_zero,
         )
+        self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.run_settings())
 
     def cleanup(self) -> None:
+        self._step_checkpointer.finish()
         if self._is_rank_zero and hasattr(self, "_metric_logger"):
             self._metric_logger.close()
         dist.destroy_process_group()
 
 
 def run_recipe(recipe_cls: type, cfg: DictConfig) -> None:
-    """Construct, set up, train, and always leave the process group."""
-    recipe = recipe_cls(cfg=cfg)
+    """Check the config and the run folder (before any process group, model or data), then construct, set up,
+    train, and always leave the process group. Resuming a finished run says so and returns."""
+    check_config(cfg, COMMON_KEYS | recipe_cls.CONFIG_KEYS, recipe_cls.__name__)
+    resume_from = check_output_dir(cfg)
+    if finished(resume_from, cfg.epochs):
+        log.warning("%s already finished its %d epochs (%s): nothing to resume", cfg.output_dir, cfg.epochs,
+                    resume_from.name)
+        print(f"{cfg.output_dir}: the run already finished its {cfg.epochs} epochs ({resume_from.name}); nothing to do")
+        return
+    recipe = recipe_cls(cfg=cfg, resume_from=resume_from)
     config.log_config(recipe_name=recipe_cls.__name__, cfg=cfg)
     try:
         recipe.setup(cfg=cfg)
