@@ -1,0 +1,63 @@
+"""Export a run's step checkpoint (``output_dir/checkpoints/step_N``) to HF format, with the run's own config.
+
+    tune run --nproc_per_node 1 recipes/export_checkpoint.py --config configs/llama3_8b_rao.yaml step=1200
+    tune run --nproc_per_node 1 recipes/export_checkpoint.py --config configs/tiny_rao.yaml export_dir=/tmp/hf
+
+``step`` picks the checkpoint (default: the newest complete one); the export goes to ``export_dir`` (default
+``output_dir/step_N_hf``), written through a staging folder and renamed when complete, like the epoch exports.
+One process, on CPU: the sharded checkpoint is read back whole, so no GPU and no process group are needed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig
+from torchtune import config, training, utils
+
+from rao_tune.files import fsync_tree, replace_dir
+from rao_tune.training.checkpoint import STAGING_DIR, complete_checkpoints, read_trainer_state
+
+log = utils.get_logger("INFO")
+
+
+def export_step_checkpoint(cfg: DictConfig) -> Path:
+    output_dir = Path(cfg.output_dir)
+    checkpoints = {int(path.name.split("_")[1]): path for path in complete_checkpoints(output_dir)}
+    if not checkpoints:
+        raise ValueError(f"{output_dir / 'checkpoints'} holds no complete step checkpoint")
+    step = cfg.get("step", None)
+    if step is not None and step not in checkpoints:
+        raise ValueError(f"no complete checkpoint for step {step} in {output_dir / 'checkpoints'}; "
+                         f"there are steps {sorted(checkpoints)}")
+    checkpoint = checkpoints[step if step is not None else max(checkpoints)]
+    export_dir = Path(cfg.get("export_dir", None) or output_dir / f"{checkpoint.name}_hf")
+
+    # The configured starting checkpoint gives the file layout and HF config the export follows.
+    staging = output_dir / STAGING_DIR
+    checkpointer = config.instantiate(cfg.checkpointer, output_dir=str(staging), should_load_recipe_state=False)
+    starting_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    with training.set_default_dtype(training.get_dtype(cfg.dtype)):
+        model = config.instantiate(cfg.model)
+    model.load_state_dict(starting_state)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # reshards into whole tensors
+
+    global_step = read_trainer_state(checkpoint)["progress"]["global_step"]
+    checkpointer.save_checkpoint({training.MODEL_KEY: state["model"]}, epoch=global_step, intermediate_checkpoint=False)
+    staged = staging / f"epoch_{global_step}"
+    fsync_tree(staged)
+    replace_dir(staged, export_dir)
+    log.info(f"Exported {checkpoint} (step {global_step}) to {export_dir}")
+    return export_dir
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    export_step_checkpoint(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
