@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Train on N nodes x 8 GPUs under Slurm: one `tune run` per node, meeting through torchrun's c10d rendezvous on
+# the first node of the allocation (tests/test_multinode.py runs the same launch as 2 nodes x 1 process on one
+# machine and checks it trains exactly like 1 node x 2 processes).
+#
+#   sbatch --nodes 4 scripts/slurm_multinode.sh recipes/rao_distributed.py configs/llama3_8b_rao.yaml \
+#       loss.beta=0.1 loss.z0=50 output_dir=/shared/runs/llama3_8b_rao
+#
+# Needs a file system every node sees for output_dir (each process writes its own shards of the step
+# checkpoints into output_dir/checkpoints) and for RAO_TUNE_CACHE (rank 0 tokenizes the data once and every
+# process memory-maps the copy; a node that cannot see it tokenizes again). If the job is requeued or a node
+# fails, resubmit with resume_from_checkpoint=True: training continues from the newest complete step checkpoint
+# (same number of nodes and GPUs: the data order depends on the number of processes).
+#
+#SBATCH --job-name=rao-tune
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --exclusive
+#SBATCH --output=slurm-%j.out
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+    echo "usage: sbatch --nodes N $0 RECIPE CONFIG [key=value ...]" >&2
+    exit 2
+fi
+recipe=$1 config=$2
+shift 2
+
+gpus_per_node=${GPUS_PER_NODE:-8}
+rendezvous_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+rendezvous_port=${RENDEZVOUS_PORT:-29500}
+export RAO_TUNE_CACHE=${RAO_TUNE_CACHE:-$HOME/.cache/rao_tune}  # on a shared file system
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# Fail fast (instead of hanging until the collective timeout) if one node dies mid-collective.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+
+echo "$SLURM_JOB_NUM_NODES nodes x $gpus_per_node GPUs, rendezvous at $rendezvous_host:$rendezvous_port"
+srun --kill-on-bad-exit=1 tune run \
+    --nnodes "$SLURM_JOB_NUM_NODES" \
+    --nproc_per_node "$gpus_per_node" \
+    --rdzv_backend c10d \
+    --rdzv_endpoint "$rendezvous_host:$rendezvous_port" \
+    --rdzv_id "$SLURM_JOB_ID" \
+    "$recipe" --config "$config" "$@"
