@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from rao_tune.files import write_atomically
 from rao_tune.tiny import build_tiny_assets, reward_rows, sft_rows, task_prompts, true_reward
 from rao_tune.training.distributed import one_process_env
 from rao_tune.training.metrics import read_disk_log
@@ -104,9 +105,10 @@ def run_pipeline(out: Path, *, seed: int = 0, scale: float = 1.0, log: Callable[
     (data / "heldout_alpaca.json").write_text(json.dumps([{"instruction": p} for p in heldout_prompts]))
     done("assets")
     common = [f"assets_dir={assets['out_dir']}", f"seed={seed}"]
+    fresh = ["overwrite=True"]  # the pipeline runs every stage anew: a second run into the same --out replaces them
 
     stage("SFT")
-    run_recipe("sft_distributed", "tiny_sft", *common, f"output_dir={out / 'sft'}", f"dataset.data_files={data / 'sft.jsonl'}",
+    run_recipe("sft_distributed", "tiny_sft", *common, *fresh, f"output_dir={out / 'sft'}", f"dataset.data_files={data / 'sft.jsonl'}",
                f"epochs={2 * epochs}")
     sft_dir = out / "sft" / f"epoch_{2 * epochs - 1}"
     done("SFT")
@@ -125,7 +127,7 @@ def run_pipeline(out: Path, *, seed: int = 0, scale: float = 1.0, log: Callable[
     done("true rewards")
 
     stage("reward model")
-    run_recipe("reward_model_distributed", "tiny_reward_model", *common, f"output_dir={out / 'reward_model'}",
+    run_recipe("reward_model_distributed", "tiny_reward_model", *common, *fresh, f"output_dir={out / 'reward_model'}",
                f"checkpointer.checkpoint_dir={sft_dir}", "checkpointer.checkpoint_files=[model-00001-of-00001.safetensors]",
                f"dataset.data_files={out / 'true_rewards' / 'train.jsonl'}", "dataset.on_bad_row=drop",
                f"eval_dataset.data_files={out / 'true_rewards' / 'heldout.jsonl'}", "eval_dataset.on_bad_row=drop",
@@ -146,7 +148,7 @@ def run_pipeline(out: Path, *, seed: int = 0, scale: float = 1.0, log: Callable[
              f"dataset.data_files={out / 'annotated' / 'train.jsonl'}", "dataset.on_bad_row=drop", f"epochs={epochs}"]
     for method, config_name in ALIGNMENT_CONFIGS.items():
         stage(f"align: {method}")
-        run_recipe("rao_distributed", config_name, *common, *start, f"output_dir={out / 'align' / method}")
+        run_recipe("rao_distributed", config_name, *common, *fresh, *start, f"output_dir={out / 'align' / method}")
         done(f"align: {method}")
 
     stage("z0 sweep")
@@ -158,7 +160,7 @@ def run_pipeline(out: Path, *, seed: int = 0, scale: float = 1.0, log: Callable[
         for offset in (-1.0, 0.0, 1.0):
             z0 = neutral + offset / beta
             run_dir = out / "z0_sweep" / f"beta{beta}_z0{z0:.2f}"
-            run_recipe("rao_distributed", "tiny_rao", *common, *start, f"output_dir={run_dir}", f"loss.beta={beta}",
+            run_recipe("rao_distributed", "tiny_rao", *common, *fresh, *start, f"output_dir={run_dir}", f"loss.beta={beta}",
                        f"loss.z0={z0}", f"max_steps_per_epoch={sweep_steps}")
             log_steps = read_disk_log(run_dir / "logs")
             last = [log_steps[s] for s in sorted(log_steps) if "loss" in log_steps[s]][-8:]
@@ -258,7 +260,7 @@ def write_report(out: Path, summary: dict[str, Any], *, seed: int) -> None:
         "Plots: `implicit_rewards.png` (implicit rewards of each prompt's best and worst response during RAO and",
         "DPO, moving average of 8 steps; Fig. 2 left), `z0_logratio.png` and `z0_reward_gap.png` (Fig. 2 right).",
     ]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_atomically(out / "summary.md", "\n".join(lines) + "\n")
 
     def smoothed(points: list[tuple[float, float]], window: int = 8) -> list[tuple[float, float]]:
         # Per-step values are means over a few prompts: a moving average shows the trend.
