@@ -22,6 +22,7 @@ from torchtune import config, utils
 from rao_tune.eval.generation import load_for_inference
 from rao_tune.eval.lm_eval_model import TorchtuneLM
 from rao_tune.eval.report import results_table
+from rao_tune.files import write_atomically
 
 log = utils.get_logger("INFO")
 
@@ -74,13 +75,12 @@ def recipe_main(cfg: DictConfig) -> None:
             torch_random_seed=cfg.get("seed", 0),
             fewshot_random_seed=cfg.get("seed", 0),
         )
-        (output_dir / entry.name).mkdir(parents=True, exist_ok=True)
-        (output_dir / entry.name / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        write_atomically(output_dir / entry.name / "results.json", json.dumps(results, indent=2, default=str))
         all_results[entry.name] = results["results"]
         del model, lm
 
     table = results_table(all_results, list(cfg.tasks))
-    (output_dir / "results.md").write_text(table + "\n")
+    write_atomically(output_dir / "results.md", table + "\n")
     print(table)
 
 

@@ -19,6 +19,7 @@ from torchtune import config, utils
 from torchtune.data import Message
 
 from rao_tune.data.reward_dataset import tokenize_prompt
+from rao_tune.files import write_atomically
 from rao_tune.eval.generation import generate_tokens, load_for_inference, stop_token_ids
 from rao_tune.eval.judges import decode_text
 
@@ -52,8 +53,7 @@ def recipe_main(cfg: DictConfig) -> None:
         responses = [text for text in responses if text] or ["<empty>"]
         rows.append({"prompt": prompt, "responses": responses})
     output = Path(cfg.output_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_atomically(output, "".join(json.dumps(row) + "\n" for row in rows))  # annotation reads it next
     log.info(f"{len(rows)} prompts x {k} samples -> {output}")
 
 

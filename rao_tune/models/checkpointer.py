@@ -22,6 +22,7 @@ from torchtune.models import convert_weights
 from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune, qwen2_tune_to_hf
 from torchtune.training.checkpointing._utils import RECIPE_STATE_DIRNAME, SAFETENSOR_INDEX_FNAME
 
+from rao_tune.files import torch_save_atomically
 from rao_tune.models.reward import init_score_head
 
 log = logging.getLogger(__name__)
@@ -194,5 +195,4 @@ class RewardModelHFCheckpointer:
         if intermediate_checkpoint:
             recipe_state = {key: value for key, value in state_dict.items() if key != training.MODEL_KEY}
             recipe_dir = self._output_dir / RECIPE_STATE_DIRNAME
-            recipe_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(recipe_state, recipe_dir / "recipe_state.pt")
+            torch_save_atomically(recipe_state, recipe_dir / "recipe_state.pt")
