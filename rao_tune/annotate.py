@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from rao_tune.data._rows import BadRowError, parse_row
 from rao_tune.data._sources import RowReader, load_rows
-from rao_tune.files import write_atomically
+from rao_tune.files import fsync_dir, fsync_tree, write_atomically
 from rao_tune.rewards import as_scorer
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,9 @@ def _merge(parts_dir: Path, num_shards: int, output_path: Path) -> tuple[int, co
                     num_rows += sum(1 for _ in shard)
                     shard.seek(0)
                     shutil.copyfileobj(shard, out)
+    fsync_tree(tmp)  # on disk before the rename makes it the output
     os.replace(tmp, output_path)
+    fsync_dir(output_path.parent)
     return num_rows, dropped
 
 

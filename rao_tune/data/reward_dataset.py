@@ -30,7 +30,7 @@ from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from rao_tune.data._rows import BadRowError, parse_row
 from rao_tune.data._sources import RawRows, RowReader, data_identity, load_rows
-from rao_tune.files import write_atomically
+from rao_tune.files import fsync_tree, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ def tokenized_copy(
     shutil.rmtree(partial_path, ignore_errors=True)
     kept.save_to_disk(str(partial_path / "rows"))
     write_atomically(partial_path / "meta.json", json.dumps(meta, indent=2) + "\n")
+    fsync_tree(partial_path)
     try:
         os.replace(partial_path, path)
     except OSError:  # another process finished the same copy first
