@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch.distributed as dist
-from datasets import Dataset
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from rao_tune.data._rows import BadRowError, parse_row
-from rao_tune.data._sources import RowReader, load_rows
+from rao_tune.data._sources import RawRows, load_rows
 from rao_tune.files import fsync_dir, fsync_tree, write_atomically
 from rao_tune.rewards import as_scorer
 
@@ -47,25 +46,12 @@ OUTPUT_FIELDS = ("prompt", "responses", "rewards")
 
 
 @dataclass
-class UnscoredRows:
-    """The rows to score: a ``datasets.Dataset`` of records, how to read them (``reader``: layout, a name for
-    error messages), their column names, what to do with bad rows, lines skipped while reading, and
-    ``identity``, what the manifest records to recognise the same input on a re-run."""
+class UnscoredRows(RawRows):
+    """The rows to score (records, reader, columns, lines skipped while reading: :class:`RawRows`), what to do
+    with bad rows, and ``input_record``, what the manifest records to recognise the same input on a re-run."""
 
-    dataset: Dataset
-    reader: RowReader
-    column_names: list[str]
     on_bad_row: str
-    skipped: collections.Counter
-    identity: dict
-
-    @property
-    def layout(self) -> str:
-        return self.reader.layout
-
-    @property
-    def origin(self) -> str:
-        return self.reader.origin
+    input_record: dict
 
 
 def annotation_dataset(
@@ -91,7 +77,7 @@ def annotation_dataset(
         source, split=split, layout=layout, column_map=column_map, on_bad_row=on_bad_row, require_rewards=False,
         **load_dataset_kwargs,
     )
-    identity = {
+    input_record = {
         "source": source,
         "split": split,
         "layout": raw.layout,
@@ -100,7 +86,7 @@ def annotation_dataset(
         "fingerprint": raw.identity,  # the data's files (sampled bytes, mtime) or datasets' fingerprint
         "num_rows": len(raw.dataset),
     }
-    return UnscoredRows(raw.dataset, raw.reader, raw.column_names, on_bad_row, raw.skipped, identity)
+    return UnscoredRows(**vars(raw), on_bad_row=on_bad_row, input_record=input_record)
 
 
 def _plain(value: Any) -> Any:
@@ -257,7 +243,7 @@ def annotate(
     num_shards = math.ceil(num_rows / rows_per_shard)
     parts_dir = output_path.with_name(output_path.name + ".parts")
     manifest = {
-        "input": rows.identity,
+        "input": rows.input_record,
         "on_bad_row": rows.on_bad_row,
         "rows_per_shard": rows_per_shard,
         "batch_size": batch_size,

@@ -10,9 +10,12 @@ One process, on CPU: the sharded checkpoint is read back whole, so no GPU and no
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig
 from torchtune import config, training, utils
@@ -35,11 +38,12 @@ def export_step_checkpoint(cfg: DictConfig) -> Path:
     checkpoint = checkpoints[step if step is not None else max(checkpoints)]
     export_dir = Path(cfg.get("export_dir", None) or output_dir / f"{checkpoint.name}_hf")
 
-    # The configured starting checkpoint gives the file layout and HF config the export follows.
-    staging = output_dir / STAGING_DIR
+    # The configured starting checkpoint gives the file layout and HF config the export follows. A staging folder
+    # of its own: the run may still be training (and staging its epoch exports) beside this export.
+    staging = output_dir / f"{STAGING_DIR}-export-{os.getpid()}"
     checkpointer = config.instantiate(cfg.checkpointer, output_dir=str(staging), should_load_recipe_state=False)
     starting_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-    with training.set_default_dtype(training.get_dtype(cfg.dtype)):
+    with training.set_default_dtype(training.get_dtype(cfg.dtype, device=torch.device("cpu"))):
         model = config.instantiate(cfg.model)
     model.load_state_dict(starting_state)
     state = {"model": model.state_dict()}
@@ -50,6 +54,7 @@ def export_step_checkpoint(cfg: DictConfig) -> Path:
     staged = staging / f"epoch_{global_step}"
     fsync_tree(staged)
     replace_dir(staged, export_dir)
+    shutil.rmtree(staging, ignore_errors=True)
     log.info(f"Exported {checkpoint} (step {global_step}) to {export_dir}")
     return export_dir
 

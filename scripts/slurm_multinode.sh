@@ -8,9 +8,10 @@
 #
 # Needs a file system every node sees for output_dir (each process writes its own shards of the step
 # checkpoints into output_dir/checkpoints) and for RAO_TUNE_CACHE (rank 0 tokenizes the data once and every
-# process memory-maps the copy; a node that cannot see it tokenizes again). If the job is requeued or a node
-# fails, resubmit with resume_from_checkpoint=True: training continues from the newest complete step checkpoint
-# (same number of nodes and GPUs: the data order depends on the number of processes).
+# process memory-maps the copy; a node that cannot see it tokenizes again). The job runs with
+# resume_from_checkpoint=auto overwrite=True, so a requeued or resubmitted job continues from the newest complete
+# step checkpoint (same number of nodes and GPUs: the data order depends on the number of processes), or starts
+# afresh if it died before its first one; pass resume_from_checkpoint=False overwrite=False to refuse both.
 #
 #SBATCH --job-name=rao-tune
 #SBATCH --nodes=2
@@ -43,4 +44,4 @@ srun --kill-on-bad-exit=1 tune run \
     --rdzv_backend c10d \
     --rdzv_endpoint "$rendezvous_host:$rendezvous_port" \
     --rdzv_id "$SLURM_JOB_ID" \
-    "$recipe" --config "$config" "$@"
+    "$recipe" --config "$config" resume_from_checkpoint=auto overwrite=True "$@"

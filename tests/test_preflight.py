@@ -9,6 +9,7 @@ import torch
 from torchtune import training
 
 from rao_tune.training.checkpoint import complete_checkpoints
+from rao_tune.training.metrics import read_disk_log
 
 from conftest import REPO_ROOT
 from recipe_runner import StopAfterFirstEpoch, crash_after_first_checkpoint, load_recipe, run_recipe_in_process
@@ -121,8 +122,8 @@ def test_a_run_folder_is_never_clobbered(monkeypatch, tmp_path, tiny_assets, cap
     first_log = sorted((output_dir / "logs").iterdir())
 
     # Another run into the same folder is refused; overwrite=True replaces the run (logs, exports, checkpoints).
-    refused(monkeypatch, tiny_assets, tmp_path, r"output_dir .*run already holds a run \(step_00000002, epoch_0, "
-            r".*logs\): resume it with resume_from_checkpoint=True, replace it with overwrite=True", *short,
+    refused(monkeypatch, tiny_assets, tmp_path, r"output_dir .*run already holds a run \(checkpoints, epoch_0, "
+            r"logs\): resume it with resume_from_checkpoint=True, replace it with overwrite=True", *short,
             "loss.beta=0.5")
     run(monkeypatch, tiny_assets, output_dir, *short, "loss.beta=0.5", "overwrite=True")
     assert not any(path in first_log for path in (output_dir / "logs").iterdir())
@@ -134,7 +135,7 @@ def test_a_run_folder_is_never_clobbered(monkeypatch, tmp_path, tiny_assets, cap
     assert "the run already finished its 1 epochs (step_00000002); nothing to do" in capsys.readouterr().out
 
 
-def test_a_resume_with_other_run_settings_is_refused(monkeypatch, tmp_path, tiny_assets):
+def test_a_resume_with_other_run_settings_is_refused_before_loading(monkeypatch, tmp_path, tiny_assets):
     output_dir = tmp_path / "run"
     settings = ["epochs=2", "max_steps_per_epoch=2"]
     recipe = load_recipe("rao_distributed")
@@ -142,7 +143,30 @@ def test_a_resume_with_other_run_settings_is_refused(monkeypatch, tmp_path, tiny
     with pytest.raises(StopAfterFirstEpoch):
         run_recipe_in_process(monkeypatch, recipe, CONFIG, f"assets_dir={tiny_assets['out_dir']}",
                               f"output_dir={output_dir}", *settings)
-    with pytest.raises(ValueError, match=r"step_00000002 was written with other settings batch_size=4 \(now 2\); "
-                       r"resume with the original ones"):
-        run(monkeypatch, tiny_assets, output_dir, *settings, "batch_size=2",
-            "resume_from_checkpoint=True")
+    refused(monkeypatch, tiny_assets, tmp_path, r"step_00000002 was written with other settings batch_size=4 "
+            r"\(now 2\); resume with the original ones", *settings, "batch_size=2", "resume_from_checkpoint=True")
+
+
+def test_resume_auto_starts_fresh_or_resumes(monkeypatch, tmp_path, tiny_assets):
+    """``resume_from_checkpoint=auto`` (a job a scheduler may requeue): fresh in an empty folder, resumed once a
+    checkpoint exists."""
+    output_dir = tmp_path / "run"
+    settings = ["epochs=2", "max_steps_per_epoch=2", "resume_from_checkpoint=auto"]
+    recipe = load_recipe("rao_distributed")
+    crash_after_first_checkpoint(monkeypatch, recipe.RAORecipeDistributed)
+    with pytest.raises(StopAfterFirstEpoch):
+        run_recipe_in_process(monkeypatch, recipe, CONFIG, f"assets_dir={tiny_assets['out_dir']}",
+                              f"output_dir={output_dir}", *settings)
+    run(monkeypatch, tiny_assets, output_dir, *settings)
+    steps = read_disk_log(output_dir / "logs")
+    assert sorted(s for s in steps if s > 0) == [1, 2, 3, 4]
+    assert len(list((output_dir / "logs").glob("log_*.txt"))) == 2  # the second run logged steps 3 and 4 only
+
+
+def test_overwrite_leaves_a_log_folder_outside_the_run_alone(monkeypatch, tmp_path, tiny_assets):
+    shared_logs = tmp_path / "all_logs"
+    short = ["epochs=1", "max_steps_per_epoch=1", f"metric_logger.log_dir={shared_logs}"]
+    run(monkeypatch, tiny_assets, tmp_path / "run", *short)
+    (shared_logs / "another_run.txt").write_text("Step 1 | loss:1.0\n")
+    run(monkeypatch, tiny_assets, tmp_path / "run", *short, "overwrite=True")
+    assert (shared_logs / "another_run.txt").exists() and len(list(shared_logs.glob("log_*.txt"))) == 2

@@ -50,11 +50,11 @@ class PreferenceLoss(nn.Module):
     def calibrate(self, dataset_rewards: Tensor) -> dict[str, float]:
         return {}
 
+    def forward(self, batch: ResponseLogProbs) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
 
 def require(loss: object, condition: bool, message: str) -> None:
     """Refuse a loss hyperparameter out of range at construction, before any model loads."""
     if not condition:
         raise ValueError(f"{type(loss).__name__}: {message}")
-
-    def forward(self, batch: ResponseLogProbs) -> LossOutput:  # pragma: no cover - abstract
-        raise NotImplementedError

