@@ -21,12 +21,12 @@ from omegaconf import DictConfig
 from torch import nn
 from torchtune import config, training, utils
 
-from rao_tune.losses import LossOutput, PreferenceLoss, ResponseLogProbs
+from rao_tune.losses import LossOutput, ResponseLogProbs
 from rao_tune.training.distributed import all_reduce_sum
 from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
 from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, preference_statistics
 from rao_tune.training.model import setup_fsdp_model
-from rao_tune.training.preflight import check_checkpoint_matches_model, instantiate_checked
+from rao_tune.training.preflight import check_checkpoint_matches_model
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
 from rao_tune.training.reference import (
     ReferenceLogProbs,
@@ -48,10 +48,7 @@ class RAORecipeDistributed(DistributedRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
         # Everything that can be wrong with the loss, data, tokenizer or checkpoint is found before weights load.
-        self.setup_logger(cfg)
-        self._loss_fn: PreferenceLoss = instantiate_checked(cfg.loss, what="loss")
-        self._tokenizer = instantiate_checked(cfg.tokenizer, what="tokenizer")
-        self._dataset = instantiate_checked(cfg.dataset, self._tokenizer, what="dataset")
+        self.setup_loss_and_data(cfg)
         self._loss_fn.check_data(self._dataset.rewards_per_prompt())
         for name, value in self._loss_fn.calibrate(self._dataset.all_rewards()).items():
             utils.log_rank_zero(log, f"loss calibrated on the training rewards: {name} = {value:.6g}")

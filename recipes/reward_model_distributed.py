@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 
-from rao_tune.losses import BradleyTerryLoss, PairwiseOutput
+from rao_tune.losses import PairwiseOutput
 from rao_tune.models import last_token_scores
 from rao_tune.training.attention import model_inputs
 from rao_tune.training.distributed import all_reduce_sum
@@ -58,10 +58,7 @@ class RewardModelRecipeDistributed(DistributedRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
         # Loss, data, tokenizer and checkpoint are checked before any weight loads.
-        self.setup_logger(cfg)
-        self._loss_fn: BradleyTerryLoss = instantiate_checked(cfg.loss, what="loss")
-        self._tokenizer = instantiate_checked(cfg.tokenizer, what="tokenizer")
-        self._dataset = instantiate_checked(cfg.dataset, self._tokenizer, what="dataset")
+        self.setup_loss_and_data(cfg)
         self._eval_dataset = None
         if cfg.get("eval_dataset") is not None:
             self._eval_dataset = instantiate_checked(cfg.eval_dataset, self._tokenizer, what="eval_dataset")

@@ -22,7 +22,6 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
 from rao_tune.training.distributed import all_reduce_sum
 from rao_tune.training.model import setup_fsdp_model
-from rao_tune.training.preflight import instantiate_checked
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
 
 log = utils.get_logger("INFO")
@@ -32,10 +31,7 @@ class SFTRecipeDistributed(DistributedRecipe):
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
         # Loss, tokenizer, data and the checkpoint's config are checked before any weight loads.
-        self.setup_logger(cfg)
-        self._loss_fn = instantiate_checked(cfg.loss, what="loss")  # e.g. torchtune's CEWithChunkedOutputLoss
-        self._tokenizer = instantiate_checked(cfg.tokenizer, what="tokenizer")
-        self._dataset = instantiate_checked(cfg.dataset, self._tokenizer, what="dataset")
+        self.setup_loss_and_data(cfg)  # the loss: e.g. torchtune's CEWithChunkedOutputLoss
         self.check_model_inputs(cfg)
 
         checkpoint = self.load_starting_checkpoint(cfg)

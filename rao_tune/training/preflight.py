@@ -136,7 +136,12 @@ def check_resume_settings(cfg: DictConfig, checkpoint: Path) -> None:
               "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps")}
     if stated["seed"] is None:  # a null seed is drawn at random: a resume continues with the one drawn then
         stated["seed"] = saved["seed"]
-    changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in stated.items() if saved.get(key) != value]
+    refuse_changed_settings(checkpoint, saved, stated)
+
+
+def refuse_changed_settings(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Name every setting of ``current`` that differs from the one ``checkpoint`` was written with."""
+    changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in current.items() if saved.get(key) != value]
     if changed:
         raise ValueError(
             f"resume_from_checkpoint: {checkpoint} was written with other settings {', '.join(changed)}; resume "

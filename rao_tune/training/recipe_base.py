@@ -39,6 +39,8 @@ from rao_tune.training.preflight import (
     check_output_dir,
     check_token_ids,
     finished,
+    instantiate_checked,
+    refuse_changed_settings,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,14 @@ class DistributedRecipe:
         if self._is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
+
+    def setup_loss_and_data(self, cfg: DictConfig) -> None:
+        """Metric logger, loss, tokenizer and training data, before any model: a misspelt argument, a loss
+        parameter out of range or an unreadable data file is found in seconds, not after the weights load."""
+        self.setup_logger(cfg)
+        self._loss_fn = instantiate_checked(cfg.loss, what="loss")
+        self._tokenizer = instantiate_checked(cfg.tokenizer, what="tokenizer")
+        self._dataset = instantiate_checked(cfg.dataset, self._tokenizer, what="dataset")
 
     def meta_model(self, cfg: DictConfig) -> nn.Module:
         """The configured model on the meta device: its shapes, for checks, without a byte of weights."""
@@ -163,14 +173,7 @@ class DistributedRecipe:
             self.progress, saved = self._step_checkpointer.load(
                 self._resume_from, model, self._optimizer, self._lr_scheduler
             )
-            changed = {key: (saved.get(key), value) for key, value in self.run_settings().items()
-                       if saved.get(key) != value}
-            if changed:
-                raise ValueError(
-                    f"resume_from_checkpoint: {self._resume_from} was written with other settings "
-                    + ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in changed.items())
-                    + "; resume with the original ones (they fix the data order and the LR schedule)"
-                )
+            refuse_changed_settings(self._resume_from, saved, self.run_settings())
             utils.log_rank_zero(log, f"Resumed from {self._resume_from}: epoch {self.progress.epoch + 1}, "
                                      f"step {self.progress.global_step}")
 
