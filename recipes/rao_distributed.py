@@ -153,16 +153,17 @@ class RAORecipeDistributed(DistributedRecipe):
                 output, logps = self._loss_step(batch)
                 (output.loss / self._gradient_accumulation_steps).backward()
 
-                log_ratios = logps.policy_logps.detach()
+                log_ratios, prompt_log_ratios = logps.policy_logps.detach(), None
                 if logps.reference_logps is not None:
                     log_ratios = log_ratios - logps.reference_logps
+                    prompt_log_ratios = logps.policy_prompt_logps.detach() - logps.reference_prompt_logps
+                statistics = preference_statistics(
+                    output.implicit_rewards, log_ratios, logps.rewards, logps.prompt_ids,
+                    response_lengths=logps.response_lengths, prompt_log_ratios=prompt_log_ratios,
+                )
                 step_sums = add_statistics(
                     step_sums,
-                    {
-                        "loss": output.loss.item(),
-                        "tokens": float(batch["useful_tokens"]),
-                        **preference_statistics(output.implicit_rewards, log_ratios, logps.rewards, logps.prompt_ids),
-                    },
+                    {"loss": output.loss.item(), "tokens": float(batch["useful_tokens"]), **statistics},
                 )
                 if not self.closes_step(micro_step):
                     continue

@@ -8,19 +8,30 @@ import re
 import resource
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 
 def preference_statistics(
-    implicit_rewards: Tensor, log_ratios: Tensor, rewards: Tensor, prompt_ids: Tensor
+    implicit_rewards: Tensor,
+    log_ratios: Tensor,
+    rewards: Tensor,
+    prompt_ids: Tensor,
+    *,
+    response_lengths: Tensor,
+    prompt_log_ratios: Optional[Tensor] = None,
 ) -> dict[str, float]:
     """Sums over one micro-batch; see :func:`finalize_preference_metrics` for what they become.
 
-    Best / worst are each prompt's highest- and lowest-reward responses, over prompts whose rewards differ.
+    ``log_ratios`` are each response's ``log pi/pi_ref (y|x)`` (``log pi`` for a reference-free run without a
+    reference); ``prompt_log_ratios`` each response's prompt ``log pi/pi_ref (x - t0 | t0)``, the normaliser
+    RAO takes from prefix consistency (None without a reference). Best / worst are each prompt's highest- and
+    lowest-reward responses, over prompts whose rewards differ.
     """
     implicit, target, ratio = implicit_rewards.double(), rewards.double(), log_ratios.double()
+    lengths = response_lengths.double()
     stats = {
         "n_responses": float(target.numel()),
         "sum_implicit": implicit.sum().item(),
@@ -28,15 +39,30 @@ def preference_statistics(
         "sum_implicit_sq": (implicit**2).sum().item(),
         "sum_target_sq": (target**2).sum().item(),
         "sum_implicit_target": (implicit * target).sum().item(),
+        "sum_length": lengths.sum().item(),
         "n_ranked_prompts": 0.0,
         "sum_logratio_best": 0.0,
         "sum_logratio_worst": 0.0,
         "sum_implicit_best": 0.0,
         "sum_implicit_worst": 0.0,
+        "sum_length_best": 0.0,
+        "sum_length_worst": 0.0,
         "n_ordered_correctly": 0.0,
     }
+    if prompt_log_ratios is not None:
+        prompt_ratio = prompt_log_ratios.double()
+        # -log pi/pi_ref summed over the training responses: an unbiased estimate of KL(pi_ref || pi) when they were
+        # sampled from the reference (the toy; the paper's on-policy data), a drift monitor otherwise.
+        stats["sum_kl_estimate"] = (-ratio).sum().item()
+        stats["sum_kl_estimate_per_token"] = (-ratio / lengths.clamp(min=1)).sum().item()
+        stats["n_prompts"] = 0.0
+        stats["sum_prompt_logratio"] = 0.0
+        stats["sum_prompt_logratio_ranked"] = 0.0
     for prompt_id in torch.unique(prompt_ids):
         members = (prompt_ids == prompt_id).nonzero().squeeze(-1)
+        if prompt_log_ratios is not None:
+            stats["n_prompts"] += 1
+            stats["sum_prompt_logratio"] += prompt_ratio[members[0]].item()
         prompt_rewards = target[members]
         if prompt_rewards.max() == prompt_rewards.min():
             continue
@@ -46,7 +72,11 @@ def preference_statistics(
         stats["sum_logratio_worst"] += ratio[worst].item()
         stats["sum_implicit_best"] += implicit[best].item()
         stats["sum_implicit_worst"] += implicit[worst].item()
+        stats["sum_length_best"] += lengths[best].item()
+        stats["sum_length_worst"] += lengths[worst].item()
         stats["n_ordered_correctly"] += float(implicit[best] > implicit[worst])
+        if prompt_log_ratios is not None:
+            stats["sum_prompt_logratio_ranked"] += prompt_ratio[best].item()
     return stats
 
 
@@ -55,7 +85,10 @@ def add_statistics(total: dict[str, float], part: dict[str, float]) -> dict[str,
 
 
 def finalize_preference_metrics(stats: dict[str, float]) -> dict[str, float]:
-    """Means, the Pearson correlation of implicit and target rewards, and the best / worst monitors."""
+    """Means, the Pearson correlation of implicit and target rewards, response lengths (tokens), the best /
+    worst monitors and, with a reference, the normaliser: ``prompt_logratio`` (mean over prompts of
+    ``log pi/pi_ref (x - t0 | t0)``), ``joint_logratio_best/worst`` (prompt + response log-ratio of each prompt's
+    best / worst response) and ``kl_estimate`` (mean ``-log pi/pi_ref (y|x)`` over responses; per token too)."""
     n = stats["n_responses"]
     metrics = {
         "implicit_reward": stats["sum_implicit"] / n,
@@ -66,6 +99,11 @@ def finalize_preference_metrics(stats: dict[str, float]) -> dict[str, float]:
     var_target = stats["sum_target_sq"] / n - metrics["target_reward"] ** 2
     if var_implicit > 1e-12 and var_target > 1e-12:
         metrics["reward_correlation"] = cov / math.sqrt(var_implicit * var_target)
+    metrics["response_length"] = stats["sum_length"] / n
+    if "sum_kl_estimate" in stats:
+        metrics["kl_estimate"] = stats["sum_kl_estimate"] / n
+        metrics["kl_estimate_per_token"] = stats["sum_kl_estimate_per_token"] / n
+        metrics["prompt_logratio"] = stats["sum_prompt_logratio"] / stats["n_prompts"]
     ranked = stats["n_ranked_prompts"]
     if ranked:
         metrics["logratio_best"] = stats["sum_logratio_best"] / ranked
@@ -73,6 +111,13 @@ def finalize_preference_metrics(stats: dict[str, float]) -> dict[str, float]:
         metrics["implicit_reward_best"] = stats["sum_implicit_best"] / ranked
         metrics["implicit_reward_worst"] = stats["sum_implicit_worst"] / ranked
         metrics["implicit_accuracy"] = stats["n_ordered_correctly"] / ranked
+        metrics["response_length_best"] = stats["sum_length_best"] / ranked
+        metrics["response_length_worst"] = stats["sum_length_worst"] / ranked
+        if "sum_kl_estimate" in stats:
+            # The whole sequence after t0, prompt + response: the log-ratio RAO's normalised target constrains.
+            prompt_ranked = stats["sum_prompt_logratio_ranked"] / ranked
+            metrics["joint_logratio_best"] = prompt_ranked + metrics["logratio_best"]
+            metrics["joint_logratio_worst"] = prompt_ranked + metrics["logratio_worst"]
     return metrics
 
 
