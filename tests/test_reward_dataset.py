@@ -353,3 +353,26 @@ def test_tokenized_copy_is_reused_until_data_tokenizer_or_settings_change(tmp_pa
     assert tokenized == 2 and len(changed) == 2
     # complete copies only: no partial folder is left behind
     assert not [p for p in (tmp_path / "cache").iterdir() if "partial" in p.name]
+
+
+def test_responses_per_prompt_and_standardized_rewards(tmp_path, tokenizer):
+    rows = [
+        {"prompt": "count to 3", "responses": ["1 2 3", "1 2", "1", "3"], "rewards": [1.0, 0.5, 0.25, 0.0]},
+        {"prompt": "reverse: a b", "responses": ["b a", "a b"], "rewards": [2.0, -1.0]},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    full = reward_dataset(tokenizer, source="json", data_files=path)
+    two = reward_dataset(tokenizer, source="json", data_files=path, responses_per_prompt=2, standardize_rewards=True)
+
+    kept = [1.0, 0.5, 2.0, -1.0]  # the first two responses of each prompt
+    mean = sum(kept) / 4
+    std = math.sqrt(sum((r - mean) ** 2 for r in kept) / 3)  # sample standard deviation, as torch.std
+    assert two[0]["response_tokens"] == full[0]["response_tokens"][:2]
+    assert two[0]["rewards"] == pytest.approx([(1.0 - mean) / std, (0.5 - mean) / std])
+    assert two[1]["response_tokens"] == full[1]["response_tokens"]
+    assert two.rewards_per_prompt() == [two[0]["rewards"], two[1]["rewards"]]
+    assert float(two.all_rewards().mean()) == pytest.approx(0.0, abs=1e-12)
+    assert float(two.all_rewards().std()) == pytest.approx(1.0)
+    assert two.fingerprint != full.fingerprint  # reference log-probs computed for one are not read for the other
+    with pytest.raises(ValueError, match="responses_per_prompt must be null or >= 1"):
+        reward_dataset(tokenizer, source="json", data_files=path, responses_per_prompt=0)

@@ -96,6 +96,10 @@ class RewardAnnotatedDataset(Dataset):
             unreadable line) and logs counts.
         cache_dir: where tokenized copies live (default ``$RAO_TUNE_CACHE/tokenized``, ``~/.cache/rao_tune``).
         num_proc: tokenizing processes (default: up to 8 CPUs for 2,000 rows or more, else 1).
+        responses_per_prompt: keep only the first k responses of each prompt (null: all), e.g. to compare 2 with
+            4 responses per prompt on the same data; a prompt keeps all it has when it has fewer.
+        standardize_rewards: train on ``(reward - mean) / std`` with the mean and standard deviation over every
+            response of the data, so that a loss's beta means the same whatever the reward model's scale.
         split, **load_dataset_kwargs: passed to ``datasets.load_dataset``.
     """
 
@@ -112,8 +116,12 @@ class RewardAnnotatedDataset(Dataset):
         split: str = "train",
         cache_dir: Optional[str] = None,
         num_proc: Optional[int] = None,
+        responses_per_prompt: Optional[int] = None,
+        standardize_rewards: bool = False,
         **load_dataset_kwargs: Any,
     ):
+        if responses_per_prompt is not None and responses_per_prompt < 1:
+            raise ValueError(f"responses_per_prompt must be null or >= 1, got {responses_per_prompt}")
         def build() -> Path:
             settings = dict(split=split, layout=layout, score_field=score_field, column_map=dict(column_map or {}),
                             max_seq_len=max_seq_len, on_bad_row=on_bad_row)
@@ -135,17 +143,37 @@ class RewardAnnotatedDataset(Dataset):
         self.longest_sequence, self.max_token_id = meta["longest_sequence"], meta["max_token_id"]
         if self.dropped and _is_rank_zero():
             log.warning("%s: dropped %d bad rows: %s", self.origin, sum(self.dropped.values()), dict(self.dropped))
+        # Both act on the items, not the tokenized copy; the fingerprint (which keys the reference log-probs) says so.
+        self._keep = responses_per_prompt
+        self._reward_shift, self._reward_scale = 0.0, 1.0
+        if standardize_rewards:
+            raw = torch.tensor([r for rewards in self._kept(self._rows["rewards"]) for r in rewards], dtype=torch.float64)
+            if raw.numel() < 2 or float(raw.std()) == 0.0:
+                raise ValueError(f"{self.origin}: standardize_rewards needs rewards that vary, got {raw.tolist()[:8]}")
+            self._reward_shift, self._reward_scale = float(raw.mean()), float(raw.std())
+            if _is_rank_zero():
+                log.info("%s: rewards standardized: (r - %.6g) / %.6g", self.origin, self._reward_shift, self._reward_scale)
+        if responses_per_prompt is not None or standardize_rewards:
+            self.fingerprint += f"-keep{responses_per_prompt}-standardized{standardize_rewards}"
+
+    def _kept(self, per_prompt: list[list]) -> list[list]:
+        return per_prompt if self._keep is None else [values[: self._keep] for values in per_prompt]
+
+    def _scaled(self, rewards: list[float]) -> list[float]:
+        return [(r - self._reward_shift) / self._reward_scale for r in rewards]
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __getitem__(self, index: int) -> dict:
         row = self._rows[index]
-        return {key: row[key] for key in ("prompt_tokens", "response_tokens", "rewards")}
+        kept = slice(None, self._keep)
+        return {"prompt_tokens": row["prompt_tokens"], "response_tokens": row["response_tokens"][kept],
+                "rewards": self._scaled(row["rewards"][kept])}
 
     def rewards_per_prompt(self) -> list[list[float]]:
         """Each prompt's rewards (what ``PreferenceLoss.check_data`` sees)."""
-        return self._rows["rewards"]
+        return [self._scaled(rewards) for rewards in self._kept(self._rows["rewards"])]
 
     def all_rewards(self) -> torch.Tensor:
         """Every response's reward, flattened: what ``PreferenceLoss.calibrate`` sees."""
