@@ -369,7 +369,7 @@ def main() -> None:
         print("the trl mode runs CPU fp32 without checkpointing only: skipped", file=sys.stderr)
         modes.remove("trl")
     skipped = sorted(set(args.modes) - set(modes))
-    from rao_tune.tiny import build_llama3_checkpoint
+    from rao_tune.toy.assets import build_llama3_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="rao_bench_") as scratch:
         checkpoint = Path(scratch) / "model"

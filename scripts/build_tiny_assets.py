@@ -14,7 +14,7 @@ try:
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rao_tune.tiny import build_tiny_assets
+from rao_tune.toy.assets import build_tiny_assets
 
 
 def main(argv: list[str] | None = None) -> None:

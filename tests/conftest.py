@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from torchtune.models.llama3 import llama3_tokenizer
 
-from rao_tune.tiny import build_tiny_assets
+from rao_tune.toy.assets import build_tiny_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import shutil
 
 from omegaconf import OmegaConf
 
-from rao_tune.pipeline import call_recipe_main, load_recipe
+from rao_tune.inprocess import call_recipe_main, load_recipe
 from rao_tune.training.distributed import one_process_env
 
 __all__ = [

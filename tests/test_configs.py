@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from torchtune import training
 
 from rao_tune.models import RewardModelHFCheckpointer
-from rao_tune.tiny import reward_rows, sft_rows
-from rao_tune.tiny_families import build_family_assets
+from rao_tune.toy.task import reward_rows, sft_rows
+from rao_tune.toy.families import build_family_assets
 from rao_tune.training.metrics import read_disk_log
 
 from conftest import REPO_ROOT

@@ -23,8 +23,8 @@ from rao_tune.models import (
     eurollm_tokenizer,
     last_token_scores,
 )
-from rao_tune.tiny import tiny_corpus
-from rao_tune.tiny_families import FAMILIES, build_eurollm_tokenizer, build_family_assets
+from rao_tune.toy.task import tiny_corpus
+from rao_tune.toy.families import FAMILIES, build_eurollm_tokenizer, build_family_assets
 
 HF_CLASSES = {"llama3": "Llama", "qwen2_5": "Qwen2", "eurollm": "Llama"}
 SYSTEM, USER, ANSWER, OTHER_ANSWER = "be brief", "count to 3", "1 2 3", "1 2"

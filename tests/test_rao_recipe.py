@@ -121,7 +121,8 @@ def test_packed_run_with_precomputed_reference_matches_padded_online_run(monkeyp
     cheap, plain = logged_steps(tmp_path / "cheap"), logged_steps(tmp_path / "plain")
     for step in range(1, 7):
         for key in ("loss", "grad_norm", "implicit_reward", "logratio_best", "logratio_worst"):
-            assert cheap[step][key] == pytest.approx(plain[step][key], rel=1e-4, abs=1e-6), (step, key)
+            # fp32 sums over ~12-token responses in two layouts differ by a few 1e-6.
+            assert cheap[step][key] == pytest.approx(plain[step][key], rel=1e-4, abs=1e-5), (step, key)
     cheap_weights = load_tune_model(tmp_path / "cheap" / "epoch_0", tiny_assets, tmp_path).state_dict()
     plain_weights = load_tune_model(tmp_path / "plain" / "epoch_0", tiny_assets, tmp_path).state_dict()
     for name, value in plain_weights.items():
@@ -130,8 +131,8 @@ def test_packed_run_with_precomputed_reference_matches_padded_online_run(monkeyp
 
 
 def test_a_row_budget_too_small_for_the_data_stops_before_training(monkeypatch, tmp_path, tiny_assets):
-    # The tiny data's longest prompt + response has 51 tokens.
-    with pytest.raises(ValueError, match=r"max_row_tokens=40 must hold the longest prompt \+ response of the data \(51"):
+    # The tiny data's longest prompt + response has 76 tokens.
+    with pytest.raises(ValueError, match=r"max_row_tokens=40 must hold the longest prompt \+ response of the data \(76"):
         run_in_process(monkeypatch, tiny_assets, tmp_path / "run", "max_row_tokens=40")
     assert not (tmp_path / "run" / "reference_logps").exists()
 

@@ -15,7 +15,7 @@ from rao_tune.data import collate_packed_batch, collate_reward_batch
 from rao_tune.losses import BradleyTerryLoss, preference_pairs
 from rao_tune.losses.functional import bradley_terry_loss, pairwise_accuracy
 from rao_tune.models import RewardModelHFCheckpointer, init_score_head, last_token_scores, reward_model
-from rao_tune.tiny import build_llama3_checkpoint, build_qwen2_checkpoint
+from rao_tune.toy.assets import build_llama3_checkpoint, build_qwen2_checkpoint
 from rao_tune.training.attention import model_inputs
 from rao_tune.training.loop import sharded_eval_batches
 

@@ -16,7 +16,8 @@ from torchtune.models.llama3 import llama3, llama3_tokenizer
 from torchtune.models.llama3._tokenizer import Llama3Tokenizer
 from torchtune.training import FullModelHFCheckpointer
 
-from rao_tune.tiny import build_reward_data, build_tiny_assets, build_tokenizer, tiny_corpus
+from rao_tune.toy.assets import build_tiny_assets, build_tokenizer
+from rao_tune.toy.task import build_reward_data, tiny_corpus
 
 
 @pytest.fixture(scope="module")

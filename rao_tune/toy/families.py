@@ -1,7 +1,7 @@
 """Tiny, hub-free assets for every model family we support: Llama 3, Qwen2.5 and EuroLLM.
 
-Same spirit as :mod:`rao_tune.tiny` (which holds the Llama 3 pieces): tokenizers trained in well under a second
-on :func:`rao_tune.tiny.tiny_corpus`, randomly initialised two-layer checkpoints in Hugging Face format,
+Same spirit as :mod:`rao_tune.toy.assets` (which holds the Llama 3 pieces): tokenizers trained in well under a second
+on :func:`rao_tune.toy.task.tiny_corpus`, randomly initialised two-layer checkpoints in Hugging Face format,
 deterministic for a seed, nothing downloaded. :func:`build_family_assets` returns what a config needs to
 instantiate each family's tokenizer, model and checkpointer.
 """
@@ -19,14 +19,14 @@ from torchtune.models.qwen2._tokenizer import PRETOKENIZE_REGEX
 from torchtune.models.qwen2_5._tokenizer import QWEN2_5_SPECIAL_TOKENS
 
 from rao_tune.models.eurollm import IM_END, IM_START
-from rao_tune.tiny import (
+from rao_tune.toy.assets import (
     CHECKPOINT_FILE,
     build_llama3_checkpoint,
     build_qwen2_checkpoint,
     build_tiny_assets,
-    tiny_corpus,
     write_special_tokens,
 )
+from rao_tune.toy.task import tiny_corpus
 
 FAMILIES: tuple[str, ...] = ("llama3", "qwen2_5", "eurollm")
 
@@ -112,7 +112,7 @@ def build_qwen2_tokenizer(out_dir: Path, corpus: list[str], base_vocab_size: int
     ``tokenizer.json``-style ``special_tokens.json``.
 
     Load it with ``torchtune.models.qwen2_5.qwen2_5_tokenizer(path, merges_file,
-    special_tokens_path=special_tokens_path)``. As in :func:`rao_tune.tiny.build_tokenizer`, ids below
+    special_tokens_path=special_tokens_path)``. As in :func:`rao_tune.toy.assets.build_tokenizer`, ids below
     ``base_vocab_size`` the corpus leaves unused, and ids after the named special tokens up to a multiple of
     16, are reserved special tokens, so every id of the model's vocabulary (``vocab_size``) decodes.
     """
