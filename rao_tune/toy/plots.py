@@ -21,7 +21,7 @@ def results_plot(path: Path, main_rows: Sequence[Mapping[str, Any]], ablation_ro
     """Test true reward of each method (chosen on validation) with 95% intervals, next to its ablations."""
     methods = [row["method"] for row in main_rows]
     conditions = ["main"] + sorted({row["condition"] for row in ablation_rows})
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(methods) + 1.8))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(methods) + 2.2))
     offsets = {c: (i - (len(conditions) - 1) / 2) * 0.22 for i, c in enumerate(conditions)}
     for condition in conditions:
         ys, xs, errors = [], [], []
@@ -42,7 +42,7 @@ def results_plot(path: Path, main_rows: Sequence[Mapping[str, Any]], ablation_ro
     ax.invert_yaxis()
     ax.set_xlabel("test true reward (mean over seeds, 95% interval)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(conditions), fontsize=8)
     ax.set_title("Greedy answers to test prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -74,19 +74,11 @@ def sweep_plot(path: Path, sweep_rows: Sequence[Mapping[str, Any]], beta_key: st
         chosen = [(beta * row["logratio_best"][0], beta * _finite(row["logratio_best"][1])) for row in points]
         _band(axes[1], z0s, chosen, f"beta {beta}")
         _band(axes[2], z0s, [row["logratio_gap"] for row in points], f"beta {beta}")
-    axes[0].set_ylabel("mean implicit reward (end of training)")
-    axes[0].set_title("level vs z0 (dotted: beta * z0)")
-    axes[1].set_ylabel("beta * log-ratio of best response")
-    axes[1].set_title("chosen reward vs z0")
-    axes[2].set_ylabel("log-ratio gap, best - worst")
-    axes[2].set_title("gap vs z0")
-    for ax in axes:
-        ax.set_xlabel("z0 (log Z_0)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, axes, path, "z0 (log Z_0)", [
+        ("mean implicit reward (end of training)", "level vs z0 (dotted: beta * z0)"),
+        ("beta * log-ratio of best response", "chosen reward vs z0"),
+        ("log-ratio gap, best - worst", "gap vs z0"),
+    ])
 
 
 def curves_plot(path: Path, curves: Mapping[str, Sequence[Mapping[str, Sequence[float]]]], window: int = 8) -> None:
@@ -108,12 +100,18 @@ def curves_plot(path: Path, curves: Mapping[str, Sequence[Mapping[str, Sequence[
             suffix = {"implicit_reward_best": " best", "implicit_reward_worst": " worst", "prompt_logratio": ""}[key]
             line, = ax.plot(steps, means, linestyle=style, label=f"{method}{suffix}")
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
-    axes[0].set_ylabel("implicit reward")
-    axes[0].set_title("best / worst response (moving average; band: seeds' range)")
-    axes[1].set_ylabel("log pi/pi_ref (x - t0 | t0)")
-    axes[1].set_title("normaliser: prompt log-ratio after t0")
-    for ax in axes:
-        ax.set_xlabel("training step")
+    _finish(fig, axes, path, "training step", [
+        ("implicit reward", "best / worst response (moving average; band: seeds' range)"),
+        ("log pi/pi_ref (x - t0 | t0)", "normaliser: prompt log-ratio after t0"),
+    ])
+
+
+def _finish(fig, axes, path: Path, x_label: str, labels: Sequence[tuple[str, str]]) -> None:
+    """Label every panel (y label, title; shared x label), grid, legend, and write the PNG."""
+    for ax, (y_label, title) in zip(axes, labels):
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -212,6 +212,9 @@ def build_report(study: Study, chosen: Mapping[str, tuple]) -> dict[str, Any]:
             "validation": mean_interval(figures(method, chosen[method], study.main, "validation", "true_reward")),
             "test": mean_interval(figures(method, chosen[method], study.main, "test", "true_reward")),
             "accuracy": mean_interval(figures(method, chosen[method], study.main, "test", "accuracy")),
+            # Paired by seed: each seed's SFT model is this run's start, so seed-to-seed spread cancels.
+            "vs_sft": mean_interval([t - s for t, s in zip(figures(method, chosen[method], study.main, "test", "true_reward"),
+                                                           sft["test"]["true_reward"])]),
         })
 
     ablation_rows = []
@@ -357,10 +360,11 @@ def write_report(study: Study, report: Mapping[str, Any], chosen: Mapping[str, t
         "",
         "## Main results (test prompts, setting chosen on validation)",
         "",
-        "| method | reward | chosen setting | validation true reward | test true reward | test accuracy |",
-        "|---|---|---|---|---|---|",
+        "| method | reward | chosen setting | validation true reward | test true reward | test minus SFT (paired) | "
+        "test accuracy |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {r['method']} | {r['kind']} | {r['setting']} | {_fmt(r['validation'])} | {_fmt(r['test'])} | "
-          f"{_fmt(r['accuracy'])} |" for r in report["main"]],
+          f"{_fmt(r['vs_sft']) if 'vs_sft' in r else '-'} | {_fmt(r['accuracy'])} |" for r in report["main"]],
         "",
         "## Ablations (each method at its chosen setting, one thing changed; test true reward)",
         "",
