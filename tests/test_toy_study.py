@@ -123,4 +123,9 @@ def test_plan_ablations_at_the_chosen_setting_and_sweeps_override_it(tmp_path):
     assert Run("DPO", (("optimizer.lr", 0.001),), Condition(4, "true_reward"), 1) in runs
     main = Condition(4, "reward_model")
     assert Run("RAO", (("loss.beta", 1.0), ("loss.z0", -2.0)), main, 0) in runs
-    assert len(runs) == len(set(runs)) == 2 * 2 * 2 + 2 * 2
+    assert len(runs) == 2 * 2 * 2 + 2 * 2
+    # A sweep point equal to a grid point is that run (same key order, same folder), not a second one.
+    two_keys = {**chosen, "RAO": (("loss.beta", 1.0), ("optimizer.lr", 0.001))}
+    swept = Study(OmegaConf.create(f"out: {tmp_path}\n" + STUDY.replace("loss.z0: [-2.0, 2.0]", "loss.beta: [0.3]")),
+                  log=lambda message: None).later_runs(two_keys)
+    assert Run("RAO", (("loss.beta", 0.3), ("optimizer.lr", 0.001)), main, 0) in swept

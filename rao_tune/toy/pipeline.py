@@ -170,7 +170,9 @@ def align_and_evaluate(
     training = {
         "steps": len(trained),
         "first": {key: trained[0][key] for key in FINAL_METRICS if key in trained[0]},
-        "final": {key: statistics.fmean(step[key] for step in tail) for key in FINAL_METRICS if key in tail[-1]},
+        # A step whose prompts all tie has no best / worst metrics: average over the steps that have them.
+        "final": {key: statistics.fmean(step[key] for step in tail if key in step)
+                  for key in FINAL_METRICS if any(key in step for step in tail)},
         "curves": {key: [step.get(key) for step in trained]
                    for key in ("implicit_reward", "implicit_reward_best", "implicit_reward_worst", "prompt_logratio",
                                "logratio_best", "logratio_worst", "kl_estimate", "loss")},

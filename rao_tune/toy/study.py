@@ -81,6 +81,12 @@ def grid_settings(grid: Optional[Mapping[str, Sequence[Any]]]) -> list[tuple[tup
     return [tuple(zip(grid, values)) for values in product(*grid.values())]
 
 
+def sweep_point(chosen: tuple, sweep_setting: tuple) -> tuple:
+    """The chosen setting with the sweep's keys replacing its own, in the chosen setting's key order (new keys
+    after), so a sweep point equal to a grid point is the same run."""
+    return tuple({**dict(chosen), **dict(sweep_setting)}.items())
+
+
 def select_setting(validation: Mapping[str, Sequence[float]]) -> str:
     """The setting with the highest mean validation true reward over seeds; ties go to the first listed. Only
     validation figures come in, so a test figure cannot influence the choice."""
@@ -129,9 +135,8 @@ class Study:
                 for condition in conditions for method in self.cfg.methods for seed in self.cfg.seeds]
         for sweep in (self.cfg.get("sweeps") or {}).values():
             for sweep_setting in grid_settings(sweep.grid):
-                swept = dict(sweep_setting)
-                base = [(key, value) for key, value in chosen[sweep.method] if key not in swept]
-                runs += [Run(sweep.method, tuple(base) + sweep_setting, self.main, seed) for seed in self.cfg.seeds]
+                setting = sweep_point(chosen[sweep.method], sweep_setting)
+                runs += [Run(sweep.method, setting, self.main, seed) for seed in self.cfg.seeds]
         return list(dict.fromkeys(runs))  # a sweep point may be a grid point already
 
     # ------------------------------------------------------------------ run
@@ -148,17 +153,28 @@ class Study:
                 epochs=int(self.cfg.scale.align_epochs), seed=run.seed,
             )
             result.update(method=run.method, setting=run.setting_name, condition=run.condition.name, seed=run.seed,
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started, made_with=self._made_with(run))
             write_atomically(run.directory(self.out) / "result.json", json.dumps(result, indent=1) + "\n")
             self.results[run] = result
             self.log(f"{run.method} {run.setting_name} {run.condition.name} seed {run.seed}: validation "
                      f"{result['validation']['true_reward']:.3f}, {result['seconds']:.0f} s")
 
+    def _made_with(self, run: Run) -> dict:
+        """What a run's result depends on beyond its folder name: the scale (hence the seed's SFT model and data)
+        and the method's config."""
+        return {"scale": OmegaConf.to_container(self.cfg.scale), "config": str(self.cfg.methods[run.method].config)}
+
     def _load(self, run: Run) -> bool:
+        """A finished run's result, unless it was made with another scale or config (then it is run again)."""
         path = run.directory(self.out) / "result.json"
-        if path.exists():
-            self.results[run] = json.loads(path.read_text())
-        return path.exists()
+        if not path.exists():
+            return False
+        result = json.loads(path.read_text())
+        if result.get("made_with") != self._made_with(run):
+            self.log(f"{path}: made with other settings than this study's; running it again")
+            return False
+        self.results[run] = result
+        return True
 
     def prepare(self, seed: int) -> dict:
         if seed not in self.prepared:
@@ -234,8 +250,7 @@ def build_report(study: Study, chosen: Mapping[str, tuple]) -> dict[str, Any]:
     sweep_rows = []
     for name, sweep in (cfg.get("sweeps") or {}).items():
         for sweep_setting in grid_settings(sweep.grid):
-            swept = dict(sweep_setting)
-            setting = tuple((k, v) for k, v in chosen[sweep.method] if k not in swept) + sweep_setting
+            setting = sweep_point(chosen[sweep.method], sweep_setting)
             runs = [results[Run(sweep.method, setting, study.main, seed)] for seed in seeds]
             row = {"sweep": name, "method": sweep.method, "setting": _setting_text(setting), **dict(setting),
                    "test": mean_interval([r["test"]["true_reward"] for r in runs])}
@@ -350,7 +365,8 @@ def write_report(study: Study, report: Mapping[str, Any], chosen: Mapping[str, t
         "",
         f"{report['num_runs']} alignment runs ({report['run_seconds']:.0f} s each on average). Main condition "
         f"`{report['main_condition']}`: rewards standardized over the training set. Per method the setting with the "
-        "best mean **validation** true reward is chosen; the **test** prompts are separate and only reported. "
+        "best mean **validation** true reward is chosen; the **test** prompts (drawn independently of the validation "
+        "ones from the same task; the splits are not deduplicated) are only reported. "
         "Intervals: 95% t-intervals over seeds.",
         "",
         f"Reward model (per seed, Bradley-Terry on SFT samples ordered by the true reward): held-out pair accuracy "
