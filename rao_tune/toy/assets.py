@@ -22,7 +22,6 @@ from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
 from rao_tune.eval.judges import build_tiny_eval_prompts
 from rao_tune.toy.task import (
-    _write_jsonl,
     build_reward_data,
     build_tiny_eval_tasks,
     marker_preference_rows,
@@ -30,6 +29,7 @@ from rao_tune.toy.task import (
     sft_rows,
     task_prompts,
     tiny_corpus,
+    write_jsonl,
 )
 
 # The special tokens torchtune's Llama3Tokenizer looks up, in Llama 3's order. Their ids start at
@@ -305,13 +305,13 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> dict[str, Any]:
     build_reward_data(train_data_path, num_prompts=64, seed=seed)
     # SFT data: each prompt with its best response, as chat messages (UltraChat's "messages" layout).
     sft_data_path = out_dir / "data" / "sft.jsonl"
-    _write_jsonl(sft_data_path, sft_rows(reward_rows(64, seed=seed)))
+    write_jsonl(sft_data_path, sft_rows(reward_rows(64, seed=seed)))
     # Reward-model data: a learnable preference (the marker word), with a held-out split from another seed.
     preference_train_path = out_dir / "data" / "preference_train.jsonl"
     preference_heldout_path = out_dir / "data" / "preference_heldout.jsonl"
-    _write_jsonl(preference_train_path, marker_preference_rows(256, seed=seed + 1))
-    _write_jsonl(preference_heldout_path, marker_preference_rows(64, seed=seed + 2))
-    _write_jsonl(out_dir / "data" / "prompts.jsonl", [{"prompt": prompt} for prompt in task_prompts(32, seed + 4)])
+    write_jsonl(preference_train_path, marker_preference_rows(256, seed=seed + 1))
+    write_jsonl(preference_heldout_path, marker_preference_rows(64, seed=seed + 2))
+    write_jsonl(out_dir / "data" / "prompts.jsonl", [{"prompt": prompt} for prompt in task_prompts(32, seed + 4)])
     eval_tasks_dir = build_tiny_eval_tasks(out_dir / "eval" / "tasks", seed=seed + 3)
     build_tiny_eval_prompts(out_dir)  # AlpacaEval and MT-Bench prompt files for the generation config
     return {

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 from rao_tune.files import write_atomically
 from rao_tune.inprocess import run_recipe
 from rao_tune.toy.assets import build_tiny_assets
-from rao_tune.toy.task import demonstration_rows, sft_rows, task_prompts, true_reward
+from rao_tune.toy.task import demonstration_rows, sft_rows, task_prompts, true_reward, write_jsonl
 from rao_tune.training.metrics import read_disk_log
 
 # The checkpointer's name for the one-file HF export of the tiny models.
@@ -28,12 +28,6 @@ EXPORTED_WEIGHTS = "checkpointer.checkpoint_files=[model-00001-of-00001.safetens
 FINAL_METRICS = ("loss", "implicit_reward", "target_reward", "implicit_reward_best", "implicit_reward_worst",
                  "logratio_best", "logratio_worst", "prompt_logratio", "joint_logratio_best", "joint_logratio_worst",
                  "kl_estimate", "response_length", "implicit_accuracy", "reward_correlation")  # fmt: skip
-
-
-def write_jsonl(path: Path, rows: Sequence[Mapping]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def read_jsonl(path: Path) -> list[dict]:

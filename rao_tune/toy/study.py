@@ -192,6 +192,7 @@ class Study:
         self.run_all(self.later_runs(chosen), "ablations and sweeps")
         report = build_report(self, chosen)
         report["wall_seconds"] = time.perf_counter() - started
+        write_report(self, report, chosen)
         return report
 
 
@@ -223,14 +224,14 @@ def build_report(study: Study, chosen: Mapping[str, tuple]) -> dict[str, Any]:
         for setting in grid_settings(spec.get("grid")):
             grid_rows.append({"method": method, "setting": _setting_text(setting), "chosen": setting == chosen[method],
                               "validation": mean_interval(figures(method, setting, study.main, "validation", "true_reward"))})
+        test = figures(method, chosen[method], study.main, "test", "true_reward")
         main_rows.append({
             "method": method, "kind": spec.get("reward", ""), "setting": _setting_text(chosen[method]),
             "validation": mean_interval(figures(method, chosen[method], study.main, "validation", "true_reward")),
-            "test": mean_interval(figures(method, chosen[method], study.main, "test", "true_reward")),
+            "test": mean_interval(test),
             "accuracy": mean_interval(figures(method, chosen[method], study.main, "test", "accuracy")),
             # Paired by seed: each seed's SFT model is this run's start, so seed-to-seed spread cancels.
-            "vs_sft": mean_interval([t - s for t, s in zip(figures(method, chosen[method], study.main, "test", "true_reward"),
-                                                           sft["test"]["true_reward"])]),
+            "vs_sft": mean_interval([t - s for t, s in zip(test, sft["test"]["true_reward"])]),
         })
 
     ablation_rows = []
@@ -435,7 +436,4 @@ def write_report(study: Study, report: Mapping[str, Any], chosen: Mapping[str, t
 
 def run_study(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or continue) the study of ``cfg`` and write its report; returns the report's data."""
-    study = Study(cfg, log=log)
-    report = study.run()
-    write_report(study, report, study.chosen())
-    return report
+    return Study(cfg, log=log).run()

@@ -138,7 +138,7 @@ def build_reward_data(
     out_path: Path, *, num_prompts: int = 64, responses_per_prompt: tuple[int, int] = (2, 4), seed: int = 0
 ) -> None:
     """Write ``reward_rows(...)`` as JSON lines to ``out_path``."""
-    _write_jsonl(Path(out_path), reward_rows(num_prompts, responses_per_prompt, seed))
+    write_jsonl(Path(out_path), reward_rows(num_prompts, responses_per_prompt, seed))
 
 
 MARKER_WORD = "moon"
@@ -185,9 +185,11 @@ def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return conversations
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """``rows`` as JSON lines at ``path`` (parent folders created); returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def build_tiny_eval_tasks(out_dir: Path, num_questions: int = 12, seed: int = 0) -> Path:
@@ -205,7 +207,7 @@ def build_tiny_eval_tasks(out_dir: Path, num_questions: int = 12, seed: int = 0)
         rng.shuffle(choices)
         questions.append({"question": prompt, "choices": choices, "answer": choices.index(" ".join(target)),
                           "target": " ".join(target)})
-    _write_jsonl(out_dir / "tiny_questions.jsonl", questions)
+    write_jsonl(out_dir / "tiny_questions.jsonl", questions)
     data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {out_dir / 'tiny_questions.jsonl'}\ntest_split: test\n"
     (out_dir / "tiny_choice.yaml").write_text(
         "task: tiny_choice\n" + data + "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
