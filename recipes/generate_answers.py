@@ -8,6 +8,9 @@ One process: vllm (``backend: vllm``, GPUs, its own tensor parallelism) or torch
 (``backend: torchtune``, CPU or one GPU); ``auto`` takes vllm where it is installed and the device is cuda.
 Prompts are rendered by the config's torchtune tokenizer in the chat format the model was trained with, for
 either backend. Greedy decoding unless ``sampling.temperature > 0``. See ``rao_tune.eval.judges``.
+
+The torchtune backend reads ``checkpointer.checkpoint_files`` or, when that is null (or absent), the files found in
+``checkpoint_dir`` (its index json, else its ``model.safetensors``): any ``epoch_N`` folder of our recipes works as is.
 """
 
 from __future__ import annotations

@@ -109,7 +109,9 @@ def test_evaluate_two_checkpoints_on_local_tasks(monkeypatch, tmp_path, tiny_ass
     questions = [json.loads(line) for line in (tiny_assets["eval_tasks_dir"] / "tiny_questions.jsonl").read_text().splitlines()]
     cfg = OmegaConf.load(CONFIG)
     for name, checkpoint_dir in (("base", tiny_assets["checkpoint_dir"]), ("sft", tmp_path / "sft" / "epoch_0")):
-        results = json.loads((tmp_path / "eval" / name / "results.json").read_text())["results"]
+        (results_file,) = (tmp_path / "eval" / name).glob("results_*.json")  # lm-eval's layout for model <name>
+        assert not list((tmp_path / "eval" / name).glob("samples_*"))  # log_samples: False as shipped
+        results = json.loads(results_file.read_text())["results"]
         accuracy = results["tiny_choice"]["acc,none"]
         assert rows[name][0] == f"{100 * accuracy:.1f}"
         assert rows[name][1] == f"{100 * results['tiny_answer']['exact_match,none']:.1f}"
@@ -128,3 +130,33 @@ def test_evaluate_two_checkpoints_on_local_tasks(monkeypatch, tmp_path, tiny_ass
             correct += max(range(3), key=scores.__getitem__) == question["answer"]
         assert accuracy == pytest.approx(correct / len(questions))
     assert re.fullmatch(r"\d+\.\d", rows["base"][2])
+
+
+def test_log_samples_writes_lm_evals_results_and_samples(monkeypatch, tmp_path, tiny_assets):
+    """log_samples=True: lm-eval's tracker writes <output_dir>/<name>/results_<date>.json and, per task, a
+    samples_<task>_<date>.jsonl with one row per document (its doc, responses, filtered responses, metrics)."""
+    run_recipe_in_process(monkeypatch, load_recipe("evaluate"), CONFIG, f"assets_dir={tiny_assets['out_dir']}",
+                          f"output_dir={tmp_path}", "log_samples=True")
+    assert (tmp_path / "results.md").exists()
+    (results_file,) = (tmp_path / "base").glob("results_*.json")
+    results = json.loads(results_file.read_text())
+    assert results["model_name"] == "base"  # the tracker's own fields, beside simple_evaluate's results
+    assert results["config"]["model_args"]["checkpoint_dir"] == str(tiny_assets["checkpoint_dir"])
+    assert "samples" not in results and set(results["task_hashes"]) == {"tiny_choice", "tiny_answer"}
+
+    date = results_file.stem.removeprefix("results_")
+    assert sorted(path.name for path in (tmp_path / "base").glob("samples_*")) == [
+        f"samples_tiny_answer_{date}.jsonl", f"samples_tiny_choice_{date}.jsonl"]
+    questions_file = tiny_assets["eval_tasks_dir"] / "tiny_questions.jsonl"
+    questions = [json.loads(line) for line in questions_file.read_text().splitlines()]
+    for task, metric in (("tiny_choice", "acc"), ("tiny_answer", "exact_match")):
+        samples_file = tmp_path / "base" / f"samples_{task}_{date}.jsonl"
+        rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+        assert sorted(row["doc_id"] for row in rows) == list(range(len(questions)))
+        for row in rows:
+            assert row["doc"] == questions[row["doc_id"]]
+            # One request per choice (a log-prob and an is-greedy flag each), or one generation.
+            expected_requests = len(row["doc"]["choices"]) if task == "tiny_choice" else 1
+            assert len(row["resps"]) == len(row["filtered_resps"]) == expected_requests
+        accuracy = sum(row[metric] for row in rows) / len(rows)
+        assert accuracy == pytest.approx(results["results"][task][f"{metric},none"])

@@ -1,13 +1,17 @@
 """recipes/generate_answers.py on the tiny checkpoint (CPU, greedy): AlpacaEval's model_outputs.json and
 MT-Bench's answer lines checked field by field, answers checked against generate_tokens + decode on prompts
 rendered here independently, turn 2 checked to see turn 1, reruns checked to be identical, bad prompt files
-checked to fail naming file, row and field. The vllm backend needs a GPU and is not run here."""
+checked to fail naming file, row and field, weights found in a checkpoint folder (single file or index + shards),
+progress bars shown. The vllm backend needs a GPU: only its calls into vllm are checked here, on a stand-in."""
 
 import json
 import shutil
+import sys
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 from torchtune.data import Message
 
 from rao_tune.eval.generation import generate_tokens, load_for_inference, stop_token_ids
@@ -28,6 +32,7 @@ from rao_tune.eval.judges import (
     resolve_backend,
     vllm_available,
 )
+from rao_tune.models.checkpoint_files import find_checkpoint_files
 
 from conftest import REPO_ROOT
 from recipe_runner import load_recipe, run_recipe_in_process
@@ -144,15 +149,16 @@ def test_greedy_reruns_are_identical(runs):
 
 
 class RecordingBackend(GenerationBackend):
-    """Answers call c, prompt i with the tokens of ``"answer c.i"`` and keeps every prompt it saw."""
+    """Answers call c, prompt i with the tokens of ``"answer c.i"`` and keeps every prompt and label it saw."""
 
     name = "recording"
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.calls = tokenizer, []
+        self.tokenizer, self.calls, self.descs = tokenizer, [], []
 
-    def generate(self, prompts, *, max_new_tokens):
+    def generate(self, prompts, *, max_new_tokens, desc=None):
         self.calls.append([list(p) for p in prompts])
+        self.descs.append(desc)
         call = len(self.calls) - 1
         return [self.tokenizer.encode(f"answer {call}.{i}", add_bos=False, add_eos=False) for i in range(len(prompts))]
 
@@ -164,6 +170,7 @@ def test_turn_two_prompt_holds_turn_one_answer(tokenizer, prompt_files):
 
     assert answers == [[f"answer 0.{i}", f"answer 1.{i}"] for i in range(len(questions))]
     assert len(backend.calls) == 2  # all first turns in one batch, then all second turns
+    assert backend.descs == ["MT-Bench turn 1/2", "MT-Bench turn 2/2"]  # the progress bars' labels
     for i, question in enumerate(questions):
         assert backend.calls[0][i] == render_here(tokenizer, [("user", question.turns[0])])
         assert backend.calls[1][i] == render_here(
@@ -213,6 +220,79 @@ def test_paper_config_runs_on_tiny_checkpoint(tmp_path_factory, tiny_assets, pro
     assert [r["generator"] for r in records] == [name] * len(TINY_ALPACA_EVAL)
     answers = [json.loads(line) for line in (out / "mt_bench" / "model_answer" / f"{name}.jsonl").read_text().splitlines()]
     assert [a["model_id"] for a in answers] == [name] * len(TINY_MT_BENCH)
+
+
+def write_sharded_copy(checkpoint_dir, folder):
+    """The tiny checkpoint as an ``epoch_N`` folder of our recipes: two shards and the index json naming them."""
+    folder.mkdir(parents=True)
+    shutil.copy(checkpoint_dir / "config.json", folder / "config.json")
+    weights = load_file(checkpoint_dir / "model.safetensors")
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file_name, keys in shards.items():
+        save_file({key: weights[key] for key in keys}, folder / file_name)
+    weight_map = {key: file_name for file_name, keys in shards.items() for key in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_checkpoint_folder_without_files_named(tmp_path_factory, tiny_assets, prompt_files, runs, capsys):
+    """checkpoint_dir=<an epoch_N folder> alone, as the tiny config's header suggests: the shards its index names
+    are read (the same answers as from the single-file checkpoint of the shipped runs), with progress bars."""
+    assert SETTINGS.checkpointer.checkpoint_files is None  # the shipped runs found assets/tiny/model's single file
+    capsys.readouterr()
+    epoch_dir = tmp_path_factory.mktemp("rao") / "tiny_rao" / "epoch_0"
+    write_sharded_copy(tiny_assets["checkpoint_dir"], epoch_dir)
+    out = run_generation(tmp_path_factory, tiny_assets, "sharded", f"checkpoint_dir={epoch_dir}", "generator=null")
+    name = "tiny_rao_epoch_0"
+    records = json.loads((out / "alpaca_eval" / name / "model_outputs.json").read_text())
+    assert [r["output"] for r in records] == [r["output"] for r in alpaca_outputs(runs[0])]
+    answers_file = out / "mt_bench" / "model_answer" / f"{name}.jsonl"
+    answers = [json.loads(line) for line in answers_file.read_text().splitlines()]
+    assert [a["choices"] for a in answers] == [a["choices"] for a in mt_bench_answers(runs[0])]
+
+    progress = capsys.readouterr().err  # tqdm's bars, one per benchmark (per turn for MT-Bench), at their end
+    for desc, total in (("AlpacaEval", len(TINY_ALPACA_EVAL)), ("MT-Bench turn 1/2", len(TINY_MT_BENCH)),
+                        ("MT-Bench turn 2/2", len(TINY_MT_BENCH))):
+        assert f"{desc}: 100%" in progress and f"{total}/{total}" in progress
+
+
+def test_checkpoint_files_found_in_a_folder(tmp_path):
+    """An index names the shards (safetensors' before torch's), else the single file; nothing else is guessed."""
+    def folder(name, *files, index=None):
+        path = tmp_path / name
+        path.mkdir()
+        for file_name in files:
+            (path / file_name).touch()
+        if index:
+            (path / index).write_text(json.dumps({"weight_map": {"a": "w-2.bin", "b": "w-1.bin", "c": "w-2.bin"}}))
+        return path
+
+    single = folder("single", "model.safetensors", "adapter_model.safetensors")
+    assert find_checkpoint_files(single) == ["model.safetensors"]
+    assert find_checkpoint_files(folder("bin", "pytorch_model.bin")) == ["pytorch_model.bin"]
+    assert find_checkpoint_files(folder("torch_index", "model.safetensors", index="pytorch_model.bin.index.json")) \
+        == ["w-1.bin", "w-2.bin"]
+    both = folder("both", index="pytorch_model.bin.index.json")
+    (both / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "s-1.safetensors"}}))
+    assert find_checkpoint_files(both) == ["s-1.safetensors"]
+
+
+def test_checkpoint_folder_without_weights_is_named(monkeypatch, tmp_path, tiny_assets, prompt_files):
+    empty = tmp_path / "epoch_0"
+    empty.mkdir()
+    (empty / "adapter_model.safetensors").touch()
+    with pytest.raises(FileNotFoundError) as error:
+        run_recipe_in_process(monkeypatch, load_recipe("generate_answers"), TINY_CONFIG,
+                              f"assets_dir={tiny_assets['out_dir']}", f"output_dir={tmp_path / 'run'}",
+                              f"checkpoint_dir={empty}", "backend=torchtune")
+    message = str(error.value)
+    assert message.startswith(f"{empty}: no HF weights found")
+    assert all(name in message for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json",
+                                            "model.safetensors,", "pytorch_model.bin", "adapter_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        find_checkpoint_files(tmp_path / "missing")
 
 
 def test_one_benchmark_may_be_skipped(tmp_path_factory, tiny_assets, prompt_files):
@@ -265,6 +345,26 @@ def test_backend_choice():
         resolve_backend("vllm", "cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("hf", "cpu")
+
+
+def test_vllm_backend_shows_vllms_progress_bar(monkeypatch, tokenizer):
+    """vllm gets token ids and use_tqdm (its own progress bar); its new tokens come back cut at the stop token."""
+    calls = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def generate(self, prompts, params, **kwargs):
+            calls.append((prompts, params, kwargs))
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[5, 6, tokenizer.eot_id, 7])]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=LLM, SamplingParams=dict))
+    backend = VLLMBackend("/checkpoint", tokenizer, sampling=SamplingSettings())
+    assert backend.generate([[1, 2], [3]], max_new_tokens=4, desc="AlpacaEval") == [[5, 6], [5, 6]]
+    ((prompts, params, kwargs),) = calls
+    assert prompts == [{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": [3]}]
+    assert params["max_tokens"] == 4 and kwargs == {"use_tqdm": True}
 
 
 @pytest.mark.skipif(vllm_available(), reason="vllm is installed")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -11,16 +11,19 @@ from torchtune import config, training, utils
 from torchtune.generation import generate
 from torchtune.modules.common_utils import local_kv_cache
 
+from rao_tune.models.checkpoint_files import with_checkpoint_files
+
 
 def load_for_inference(
     cfg_model: DictConfig, cfg_checkpointer: DictConfig, cfg_tokenizer: DictConfig, *, device: str, dtype: str
 ) -> tuple[nn.Module, Any, torch.device, torch.dtype]:
-    """Model (weights from the HF checkpoint, eval mode, no grads), tokenizer, device and dtype from config."""
+    """Model (weights from the HF checkpoint, eval mode, no grads), tokenizer, device and dtype from config. A
+    checkpointer config without ``checkpoint_files`` reads those found in its ``checkpoint_dir``."""
     torch_device = utils.get_device(device=device)
     torch_dtype = training.get_dtype(dtype, device=torch_device)
     with training.set_default_dtype(torch_dtype), torch_device:
         model = config.instantiate(cfg_model)
-    state_dict = config.instantiate(cfg_checkpointer).load_checkpoint()[training.MODEL_KEY]
+    state_dict = config.instantiate(with_checkpoint_files(cfg_checkpointer)).load_checkpoint()[training.MODEL_KEY]
     model.load_state_dict(state_dict)
     model.eval().requires_grad_(False)
     return model, config.instantiate(cfg_tokenizer), torch_device, torch_dtype
@@ -45,10 +48,12 @@ def generate_tokens(
     top_k: Optional[int] = None,
     batch_size: int = 8,
     seed: int = 0,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> list[list[int]]:
     """Continue each prompt (token ids) by up to ``max_new_tokens``; return only the new tokens, cut before the
     first stop token. ``temperature == 0`` is greedy decoding (the paper's setting). Prompts are left-padded in
-    batches of similar length; each batch runs with its own KV cache."""
+    batches of similar length; each batch runs with its own KV cache. ``progress`` is called with each finished
+    batch's number of prompts (e.g. a progress bar's ``update``)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -70,4 +75,6 @@ def generate_tokens(
             new = tokens[row, longest:].tolist()
             cut = next((position for position, token in enumerate(new) if token in stops), len(new))
             outputs[i] = new[:cut]
+        if progress is not None:
+            progress(len(indices))
     return outputs

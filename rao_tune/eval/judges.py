@@ -11,7 +11,7 @@ own tools. Here:
   header), whichever backend generates;
 * two generation backends with one interface (token ids in, new token ids out): :class:`TorchtuneBackend`
   (torchtune's KV-cache generation, CPU or GPU) and :class:`VLLMBackend` (vllm on GPUs, imported only when
-  built);
+  built), each with a progress bar over the prompts;
 * multi-turn answering (MT-Bench's second turn sees the first question and the model's own first answer);
 * writers: AlpacaEval's ``model_outputs.json`` (``instruction``, ``output``, ``generator``, ``dataset``) and
   MT-Bench answer lines as FastChat's ``gen_model_answer`` writes them (``question_id``, ``answer_id``,
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from torchtune.data import Message
+from tqdm.auto import tqdm
 
 from rao_tune.data.reward_dataset import tokenize_prompt
 from rao_tune.files import write_atomically
@@ -283,12 +284,14 @@ class SamplingSettings:
 
 class GenerationBackend(ABC):
     """Continues prompts given as token ids (rendered by our tokenizer) and returns only the new token ids,
-    cut before the first stop token."""
+    cut before the first stop token, showing a progress bar (labelled ``desc``) over the prompts: answering
+    hundreds of prompts takes minutes to hours."""
 
     name: str
 
     @abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 desc: Optional[str] = None) -> list[list[int]]:
         ...
 
 
@@ -319,7 +322,8 @@ class TorchtuneBackend(GenerationBackend):
             self.pad_id = 0
         self.max_seq_len = getattr(model, "max_seq_len", None)
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 desc: Optional[str] = None) -> list[list[int]]:
         from rao_tune.eval.generation import generate_tokens
 
         budgets = [max_new_tokens] * len(prompts)
@@ -335,16 +339,17 @@ class TorchtuneBackend(GenerationBackend):
                 log.warning("%d prompts leave room for fewer than max_new_tokens=%d new tokens within max_seq_len=%d; "
                             "their answers may be cut", shortened, max_new_tokens, self.max_seq_len)
         outputs: list[list[int]] = [[] for _ in prompts]
-        for budget in sorted(set(budgets), reverse=True):  # one call when every prompt fits (the usual case)
-            indices = [i for i, b in enumerate(budgets) if b == budget]
-            new_tokens = generate_tokens(
-                self.model, [prompts[i] for i in indices], max_new_tokens=budget, pad_id=self.pad_id,
-                stop_tokens=self.stop_tokens, device=self.device, dtype=self.dtype,
-                temperature=self.sampling.temperature, top_k=self.sampling.top_k, batch_size=self.batch_size,
-                seed=self.sampling.seed,
-            )
-            for i, tokens in zip(indices, new_tokens):
-                outputs[i] = tokens
+        with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+            for budget in sorted(set(budgets), reverse=True):  # one call when every prompt fits (the usual case)
+                indices = [i for i, b in enumerate(budgets) if b == budget]
+                new_tokens = generate_tokens(
+                    self.model, [prompts[i] for i in indices], max_new_tokens=budget, pad_id=self.pad_id,
+                    stop_tokens=self.stop_tokens, device=self.device, dtype=self.dtype,
+                    temperature=self.sampling.temperature, top_k=self.sampling.top_k, batch_size=self.batch_size,
+                    seed=self.sampling.seed, progress=bar.update,
+                )
+                for i, tokens in zip(indices, new_tokens):
+                    outputs[i] = tokens
         return outputs
 
 
@@ -356,7 +361,8 @@ class VLLMBackend(GenerationBackend):
 
     vllm reads the weights from the HF checkpoint folder but never tokenizes: prompts are token ids rendered by
     our tokenizer (so the chat format is the one the model was trained with), and the new token ids are decoded
-    by our tokenizer too (``skip_tokenizer_init``). Not run in CI (no GPU there).
+    by our tokenizer too (``skip_tokenizer_init``). The progress bar is vllm's own (``use_tqdm``; it has its own
+    label). Not run in CI (no GPU there).
     """
 
     name = "vllm"
@@ -378,15 +384,19 @@ class VLLMBackend(GenerationBackend):
             seed=sampling.seed, skip_tokenizer_init=True, **llm_kwargs,
         )
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 desc: Optional[str] = None) -> list[list[int]]:
         params: dict[str, Any] = {
             "temperature": self.sampling.temperature, "top_p": self.sampling.top_p, "max_tokens": max_new_tokens,
             "stop_token_ids": list(self.stop_tokens), "seed": self.sampling.seed, "detokenize": False,
         }
         if self.sampling.top_k is not None:
             params["top_k"] = self.sampling.top_k
+        if desc:
+            log.info("%s: %d prompts", desc, len(prompts))
         results = self.llm.generate(
-            [{"prompt_token_ids": list(prompt)} for prompt in prompts], self._vllm.SamplingParams(**params)
+            [{"prompt_token_ids": list(prompt)} for prompt in prompts], self._vllm.SamplingParams(**params),
+            use_tqdm=True,
         )
         return [cut_at_stop(list(result.outputs[0].token_ids), self.stop_tokens) for result in results]
 
@@ -422,9 +432,9 @@ class GenerationStats:
 
 
 def _generate_texts(backend: GenerationBackend, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                    stats: Optional[GenerationStats]) -> list[str]:
+                    stats: Optional[GenerationStats], desc: str) -> list[str]:
     start = time.perf_counter()
-    new_tokens = backend.generate(prompts, max_new_tokens=max_new_tokens)
+    new_tokens = backend.generate(prompts, max_new_tokens=max_new_tokens, desc=desc)
     if stats is not None:
         stats.prompts += len(prompts)
         stats.new_tokens += sum(len(tokens) for tokens in new_tokens)
@@ -437,7 +447,7 @@ def answer_alpaca_eval(backend: GenerationBackend, tokenizer: Any, prompts: Sequ
                        stats: Optional[GenerationStats] = None) -> list[str]:
     """One answer per instruction (a single user turn), in prompt order."""
     rendered = [render_prompt(tokenizer, [("user", prompt.instruction)], system_prompt) for prompt in prompts]
-    return _generate_texts(backend, tokenizer, rendered, max_new_tokens, stats)
+    return _generate_texts(backend, tokenizer, rendered, max_new_tokens, stats, desc="AlpacaEval")
 
 
 def mt_bench_conversation(turns: Sequence[str], answers: Sequence[str]) -> list[tuple[str, str]]:
@@ -455,11 +465,14 @@ def answer_mt_bench(backend: GenerationBackend, tokenizer: Any, questions: Seque
     """Every question's answers, turn by turn: all first turns in one batch, then all second turns (each with
     its first question and answer in the conversation), and so on."""
     answers: list[list[str]] = [[] for _ in questions]
-    for turn in range(max(len(question.turns) for question in questions)):
+    turns = max(len(question.turns) for question in questions)
+    for turn in range(turns):
         active = [i for i, question in enumerate(questions) if turn < len(question.turns)]
         rendered = [render_prompt(tokenizer, mt_bench_conversation(questions[i].turns, answers[i]), system_prompt)
                     for i in active]
-        for i, text in zip(active, _generate_texts(backend, tokenizer, rendered, max_new_tokens, stats)):
+        texts = _generate_texts(backend, tokenizer, rendered, max_new_tokens, stats,
+                                desc=f"MT-Bench turn {turn + 1}/{turns}")
+        for i, text in zip(active, texts):
             answers[i].append(text)
     return answers
 
