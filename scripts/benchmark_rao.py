@@ -1,7 +1,8 @@
 """Step time, throughput and peak memory of a training recipe on a given config.
 
 Runs the recipe through ``tune run`` exactly as a user would, into a scratch output directory, then summarises the
-metrics its DiskLogger wrote. The first ``--warmup`` steps (allocator growth, lazy init) are left out of the timings.
+metrics it logged (its ``metrics.jsonl``; a torchtune recipe's DiskLogger files in ``logs/``). The first
+``--warmup`` steps (allocator growth, lazy init) are left out of the timings.
 
     python scripts/benchmark_rao.py --config configs/tiny_rao.yaml --nproc 1
     python scripts/benchmark_rao.py --config configs/tiny_rao.yaml --nproc 2 -- epochs=1 batch_size=8
@@ -23,7 +24,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from rao_tune.training.metrics import read_disk_log  # noqa: E402
+from rao_tune.training.metrics import read_metrics  # noqa: E402
 
 MEMORY_METRICS = ("peak_rss", "peak_memory_active", "peak_memory_alloc", "peak_memory_reserved")
 
@@ -66,7 +67,7 @@ def main() -> None:
         started = time.perf_counter()
         subprocess.run(command, cwd=REPO_ROOT, check=True)
         wall = time.perf_counter() - started
-        summary = summarise(read_disk_log(Path(scratch) / "logs"), args.warmup)
+        summary = summarise(read_metrics(scratch), args.warmup)
     summary.update(wall_time_s=wall, nproc=args.nproc, config=args.config, overrides=" ".join(args.overrides))
     print(json.dumps(summary, indent=2))
 

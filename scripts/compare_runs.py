@@ -2,8 +2,9 @@
 
     python scripts/compare_runs.py runs/tiny_rao runs/tiny_dpo runs/tiny_simpo --last 16
 
-For every run (an ``output_dir`` with ``logs/``): the mean over its last ``--last`` steps of the metrics every
-loss logs the same way (step 1's loss too), as a Markdown table.
+For every run (an ``output_dir``: its ``metrics.jsonl``, whatever metric logger it used, or the DiskLogger files in
+``logs/`` of a run without one): the mean over its last ``--last`` steps of the metrics every loss logs the same
+way (step 1's loss too), as a Markdown table.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rao_tune.training.metrics import read_disk_log  # noqa: E402
+from rao_tune.training.metrics import read_metrics  # noqa: E402
 
 COLUMNS = ("logratio_best", "logratio_worst", "implicit_accuracy", "reward_correlation", "loss")
 
 
 def summarise(run_dir: Path, last: int) -> dict[str, float]:
-    steps = {step: metrics for step, metrics in read_disk_log(run_dir / "logs").items() if "loss" in metrics}
+    steps = {step: metrics for step, metrics in read_metrics(run_dir).items() if "loss" in metrics}
     tail = [steps[step] for step in sorted(steps)[-last:]]
     summary = {"steps": float(len(steps)), "first_loss": steps[min(steps)]["loss"]}
     for column in COLUMNS:

@@ -9,7 +9,7 @@ import torch
 from torchtune import training
 
 from rao_tune.training.checkpoint import complete_checkpoints
-from rao_tune.training.metrics import read_disk_log
+from rao_tune.training.metrics import METRICS_FILE, read_disk_log, read_metrics
 
 from conftest import REPO_ROOT
 from recipe_runner import StopAfterFirstEpoch, crash_after_first_checkpoint, load_recipe, run_recipe_in_process
@@ -121,12 +121,15 @@ def test_a_run_folder_is_never_clobbered(monkeypatch, tmp_path, tiny_assets, cap
     assert "model" in run(monkeypatch, tiny_assets, output_dir, *short)
     first_log = sorted((output_dir / "logs").iterdir())
 
-    # Another run into the same folder is refused; overwrite=True replaces the run (logs, exports, checkpoints).
+    # Another run into the same folder is refused; overwrite=True replaces the run (logs, metrics.jsonl, exports,
+    # checkpoints).
     refused(monkeypatch, tiny_assets, tmp_path, r"output_dir .*run already holds a run \(checkpoints, epoch_0, "
-            r"logs\): resume it with resume_from_checkpoint=True, replace it with overwrite=True", *short,
-            "loss.beta=0.5")
+            r"logs, metrics\.jsonl\): resume it with resume_from_checkpoint=True, replace it with overwrite=True",
+            *short, "loss.beta=0.5")
     run(monkeypatch, tiny_assets, output_dir, *short, "loss.beta=0.5", "overwrite=True")
     assert not any(path in first_log for path in (output_dir / "logs").iterdir())
+    logged_steps = [line for line in (output_dir / METRICS_FILE).read_text().splitlines() if '"loss"' in line]
+    assert len(logged_steps) == 2  # the second run's steps only
     assert [p.name for p in complete_checkpoints(output_dir)] == ["step_00000002"]
 
     # Resuming a finished run says so, loads nothing and exits normally.
@@ -161,6 +164,7 @@ def test_resume_auto_starts_fresh_or_resumes(monkeypatch, tmp_path, tiny_assets)
     steps = read_disk_log(output_dir / "logs")
     assert sorted(s for s in steps if s > 0) == [1, 2, 3, 4]
     assert len(list((output_dir / "logs").glob("log_*.txt"))) == 2  # the second run logged steps 3 and 4 only
+    assert read_metrics(output_dir) == steps  # the resumed run appended to the first one's metrics.jsonl
 
 
 def test_overwrite_leaves_a_log_folder_outside_the_run_alone(monkeypatch, tmp_path, tiny_assets):

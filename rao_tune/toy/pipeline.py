@@ -20,7 +20,7 @@ from rao_tune.files import write_atomically
 from rao_tune.inprocess import run_recipe
 from rao_tune.toy.assets import build_tiny_assets
 from rao_tune.toy.task import demonstration_rows, sft_rows, task_prompts, true_reward, write_jsonl
-from rao_tune.training.metrics import read_disk_log
+from rao_tune.training.metrics import read_metrics
 
 # The checkpointer's name for the one-file HF export of the tiny models.
 EXPORTED_WEIGHTS = "checkpointer.checkpoint_files=[model-00001-of-00001.safetensors]"
@@ -83,7 +83,7 @@ def prepare_seed(out: Path, seed: int, scale: Mapping[str, Any]) -> dict[str, An
                f"dataset.data_files={out / 'true_rewards' / 'train.jsonl'}", "dataset.on_bad_row=drop",
                f"eval_dataset.data_files={out / 'true_rewards' / 'validation.jsonl'}", "eval_dataset.on_bad_row=drop",
                "loss.pairs=all_ordered", f"epochs={reward_model_epochs}")
-    reward_model_log = read_disk_log(out / "reward_model" / "logs")
+    reward_model_log = read_metrics(out / "reward_model")
     heldout = reward_model_log[max(reward_model_log)]
 
     run_recipe("annotate_rewards", "tiny_annotate", *common, f"output_dir={out / 'annotated'}",
@@ -158,7 +158,7 @@ def align_and_evaluate(
     )
     final_dir = out / f"epoch_{epochs - 1}"
     scores = evaluate(out / "answers", final_dir, prepared, generator=out.name)
-    steps = read_disk_log(out / "logs")
+    steps = read_metrics(out)
     trained = [steps[step] for step in sorted(steps) if "loss" in steps[step]]
     tail = trained[-max(1, len(trained) // 8):]
     training = {

@@ -3,15 +3,24 @@ micro-batches and ranks before being turned into means."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 import resource
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
+from torchtune.training.metric_logging import MetricLoggerInterface
+
+log = logging.getLogger(__name__)
+
+# Every training run's metrics, one JSON object per logged step, whatever metric logger its config names.
+METRICS_FILE = "metrics.jsonl"
 
 
 def preference_statistics(
@@ -133,6 +142,92 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     return {"peak_rss": peak_rss / (2**30 if sys.platform == "darwin" else 2**20)}
+
+
+class MetricsFile:
+    """Appends ``{"step": N, "<metric>": value, ...}`` lines to ``path``, each flushed as written: a killed run
+    keeps every step it logged, and a resumed run continues the same file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open("rb") as previous:
+                previous.seek(-1, 2)
+                torn = previous.read(1) != b"\n"
+        self._file = self.path.open("a", encoding="utf-8")
+        if torn:  # a killed run's half-written last line: the next line starts on its own
+            self._file.write("\n")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        line = {"step": int(step), **{name: _plain_float(value) for name, value in metrics.items()}}
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _plain_float(value: Any) -> float:
+    """A logged scalar (tensor, NumPy scalar, int, float) as a float JSON can hold."""
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+class MetricsFileLogger(MetricLoggerInterface):
+    """The configured torchtune metric logger (disk, TensorBoard, W&B, ...), plus :class:`MetricsFile`: every
+    call reaches the configured logger unchanged, so our tools read any run's metrics the same way."""
+
+    def __init__(self, logger: MetricLoggerInterface, path: str | Path) -> None:
+        self.logger = logger
+        self._file = MetricsFile(path)
+
+    def log(self, name: str, data: Any, step: int) -> None:
+        self.logger.log(name, data, step)
+        self._file.write(step, {name: data})
+
+    def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
+        self.logger.log_dict(payload, step)
+        self._file.write(step, payload)
+
+    def log_config(self, config: DictConfig) -> None:
+        self.logger.log_config(config)
+
+    def close(self) -> None:
+        try:
+            self.logger.close()
+        finally:
+            self._file.close()
+
+
+def read_metrics(run_dir: str | Path) -> dict[int, dict[str, float]]:
+    """``{step: {metric: value}}`` of the run in ``run_dir``: from its ``metrics.jsonl``, or, for a run without
+    one (a torchtune recipe's, or one from before the file), from the DiskLogger files in ``run_dir/logs``.
+
+    Lines of the same step merge, and a metric logged twice for a step (a resumed run logs again the steps after
+    its last checkpoint) keeps its latest value, as in :func:`read_disk_log`.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        try:
+            return read_disk_log(run_dir / "logs")
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no metrics in run folder {run_dir}: neither {METRICS_FILE} (written by rao_tune's training "
+                "recipes) nor torchtune DiskLogger files (logs/log_*.txt)"
+            ) from None
+    steps: dict[int, dict[str, float]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            metrics = json.loads(line)
+        except json.JSONDecodeError:  # only a killed run's torn last write: that step is logged again on resume
+            log.warning("%s:%d: skipped a line that is not JSON (a torn write)", path, number)
+            continue
+        steps.setdefault(int(metrics.pop("step")), {}).update(metrics)
+    return steps
 
 
 def read_disk_log(log_dir: str | Path) -> dict[int, dict[str, float]]:

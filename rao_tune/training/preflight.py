@@ -30,6 +30,7 @@ from torch import nn
 from torchtune import config
 
 from rao_tune.training.checkpoint import CHECKPOINTS_DIR, STAGING_DIR, complete_checkpoints, read_trainer_state
+from rao_tune.training.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ def check_output_dir(cfg: DictConfig) -> Optional[Path]:
 
     ``resume_from_checkpoint``: True resumes the newest complete step checkpoint (there must be one); ``auto``
     resumes it if there is one and starts fresh otherwise (for jobs that a scheduler may requeue). ``overwrite=True``
-    clears a previous run's checkpoints, exports and logs first (its precomputed reference log-probs and anything
-    else in the folder stay)."""
+    clears a previous run's checkpoints, exports, ``metrics.jsonl`` and logs first (its precomputed reference
+    log-probs and anything else in the folder stay)."""
     output_dir = Path(cfg.output_dir)
     checkpoints = complete_checkpoints(output_dir)
     resume = cfg.get("resume_from_checkpoint", False)
@@ -108,21 +109,27 @@ def check_output_dir(cfg: DictConfig) -> Optional[Path]:
         )
     if previous and _is_launch_rank_zero():  # before the process group starts: only one process deletes
         for stale in previous:
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         log.warning("overwrite=True: cleared the previous run in %s", output_dir)
     return None
 
 
 def _previous_run(cfg: DictConfig, output_dir: Path) -> list[Path]:
-    """What a run leaves in its folder: step checkpoints (complete or not), HF exports, and its logs when they
-    live in a folder of their own inside ``output_dir`` (a log folder elsewhere may be shared: never touched)."""
+    """What a run leaves in its folder: step checkpoints (complete or not), HF exports, its ``metrics.jsonl``, and
+    its logs when they live in a folder of their own inside ``output_dir`` (a log folder elsewhere may be shared:
+    never touched). Empty folders and an empty metrics file (a run that stopped before logging) do not count."""
     found = [output_dir / CHECKPOINTS_DIR, output_dir / STAGING_DIR, *output_dir.glob("epoch_*"),
              *output_dir.glob("step_*_hf")]
     log_dir = cfg.get("metric_logger", {}).get("log_dir", None)
     if log_dir is not None and output_dir.resolve() in Path(str(log_dir)).resolve().parents:
         found.append(Path(str(log_dir)))
+    found.append(output_dir / METRICS_FILE)
     try:  # another launch process may be clearing the folder right now (overwrite=True)
-        return [path for path in found if path.is_dir() and any(path.iterdir())]
+        return [path for path in found
+                if (path.is_dir() and any(path.iterdir())) or (path.is_file() and path.stat().st_size)]
     except FileNotFoundError:
         return []
 

@@ -31,7 +31,7 @@ from rao_tune.training.checkpoint import (
 )
 from rao_tune.training.distributed import init_distributed
 from rao_tune.training.loop import build_dataloader, guarded_optimizer_step, setup_optimizer, steps_per_epoch
-from rao_tune.training.metrics import memory_stats
+from rao_tune.training.metrics import METRICS_FILE, MetricsFileLogger, memory_stats
 from rao_tune.training.preflight import (
     COMMON_KEYS,
     check_checkpoint_matches_model,
@@ -84,8 +84,11 @@ class DistributedRecipe:
 
     # ------------------------------------------------------------------ set-up helpers, in the order recipes call them
     def setup_logger(self, cfg: DictConfig) -> None:
+        """The configured torchtune metric logger, also writing ``output_dir/metrics.jsonl``: our tools
+        (compare_runs, benchmarks, the toy study) read that whichever logger the config names."""
         if self._is_rank_zero:
-            self._metric_logger = config.instantiate(cfg.metric_logger)
+            configured = config.instantiate(cfg.metric_logger)
+            self._metric_logger = MetricsFileLogger(configured, self._output_dir / METRICS_FILE)
             self._metric_logger.log_config(cfg)
 
     def setup_loss_and_data(self, cfg: DictConfig) -> None:
