@@ -6,6 +6,7 @@
 ``step`` picks the checkpoint (default: the newest complete one); the export goes to ``export_dir`` (default
 ``output_dir/step_N_hf``), written through a staging folder and renamed when complete, like the epoch exports.
 One process, on CPU: the sharded checkpoint is read back whole, so no GPU and no process group are needed.
+A LoRA run's export is the merged model plus its adapter in PEFT format (``export_dir/adapter``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig
+from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import config, training, utils
 
-from rao_tune.files import fsync_tree, replace_dir
-from rao_tune.training.checkpoint import STAGING_DIR, complete_checkpoints, read_trainer_state
+from rao_tune.training.checkpoint import STAGING_DIR, complete_checkpoints, read_trainer_state, write_hf_export
+from rao_tune.training.lora import AdapterExport, freeze_all_but_adapters, initial_adapter_state, lora_settings
 
 log = utils.get_logger("INFO")
 
@@ -45,15 +47,20 @@ def export_step_checkpoint(cfg: DictConfig) -> Path:
     starting_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
     with training.set_default_dtype(training.get_dtype(cfg.dtype, device=torch.device("cpu"))):
         model = config.instantiate(cfg.model)
+    if lora_settings(model) is not None:  # the step checkpoint holds what trained: adapters (and a new head)
+        starting_state.update(initial_adapter_state(model, seed=0))
+        freeze_all_but_adapters(model)
     model.load_state_dict(starting_state)
-    state = {"model": model.state_dict()}
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    state = {"model": {name: tensor for name, tensor in model.state_dict().items() if name in trained}}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # reshards into whole tensors
+    model.load_state_dict(state["model"], strict=False)
+    whole = {name: tensor.get_original_weight() if isinstance(tensor, NF4Tensor) else tensor
+             for name, tensor in model.state_dict().items()}
 
     global_step = read_trainer_state(checkpoint)["progress"]["global_step"]
-    checkpointer.save_checkpoint({training.MODEL_KEY: state["model"]}, epoch=global_step, intermediate_checkpoint=False)
-    staged = staging / f"epoch_{global_step}"
-    fsync_tree(staged)
-    replace_dir(staged, export_dir)
+    write_hf_export(checkpointer, whole, staging_dir=staging, staging_epoch=global_step, export_dir=export_dir,
+                    adapters=AdapterExport.for_model(model, cfg.checkpointer))
     shutil.rmtree(staging, ignore_errors=True)
     log.info(f"Exported {checkpoint} (step {global_step}) to {export_dir}")
     return export_dir

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, ContextManager
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torchtune import config, training, utils
+from torchtune.modules.peft import disable_adapter
 
 from rao_tune.losses import LossOutput, ResponseLogProbs
 from rao_tune.training.distributed import all_reduce_sum
-from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
+from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, refuse_output_adapter, sequence_logps
+from rao_tune.training.lora import lora_settings
 from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, preference_statistics
 from rao_tune.training.model import setup_fsdp_model
 from rao_tune.training.preflight import check_checkpoint_matches_model
@@ -64,6 +67,7 @@ class RAORecipeDistributed(DistributedRecipe):
         self._collate = self.batch_collator(cfg, meta_model, self._dataset)
         self._chunk_tokens = cfg.get("logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
 
+        refuse_output_adapter(meta_model)  # before any weight loads
         checkpoint = self.load_starting_checkpoint(cfg)
         self._model_options = self.model_options(cfg)
         self._model = setup_fsdp_model(
@@ -73,15 +77,18 @@ class RAORecipeDistributed(DistributedRecipe):
             **self._model_options,
         )
         # The reference: none for a reference-free loss (unless asked to log true log-ratios), else its
-        # log-probs computed once before training (default) or a second model run at every step.
+        # log-probs computed once before training (default) or a second model run at every step. With LoRA
+        # (and no ref_checkpointer) the reference is the policy with its adapters off: no second model.
         self._ref_model = None
+        self._reference_is_base = lora_settings(self._model) is not None and cfg.get("ref_checkpointer") is None
         reference = "none (reference-free loss: logratio_* metrics are log pi, not log pi/pi_ref)"
         if needs_reference:
             if reference_mode == "precomputed":
                 self._dataset = WithReferenceLogProbs(self._dataset, self._precomputed_reference(cfg, checkpoint))
             else:
-                self._ref_model = self._build_reference(cfg, checkpoint)
+                self._ref_model = self._model if self._reference_is_base else self._build_reference(cfg, checkpoint)
             reference = f"{reference_mode}{'' if self._loss_fn.needs_reference else ', for metrics only'}"
+            reference += ", the policy with its adapters off" if self._reference_is_base else ""
         del checkpoint[training.MODEL_KEY]
 
         self.setup_data_and_optimizer(cfg, self._model, self._collate)
@@ -90,6 +97,10 @@ class RAORecipeDistributed(DistributedRecipe):
             f"{len(self._dataset)} prompts, {self._steps_per_epoch} steps per epoch, {self.world_size} processes, "
             f"{'packed' if cfg.get('pack_responses', True) else 'padded'} batches, reference: {reference}",
         )
+
+    def _as_reference(self, model: nn.Module) -> ContextManager:
+        """Where the reference runs: the policy with adapters off (LoRA), else a model of its own as it is."""
+        return disable_adapter(model) if self._reference_is_base else nullcontext()
 
     def _build_reference(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> nn.Module:
         """The frozen reference model: ``ref_checkpointer`` if configured, else the policy's starting checkpoint."""
@@ -103,16 +114,18 @@ class RAORecipeDistributed(DistributedRecipe):
         reference_checkpointer = cfg.get("ref_checkpointer") or cfg.checkpointer
 
         def compute() -> ReferenceLogProbs:
-            return compute_reference_logps(
-                self._build_reference(cfg, checkpoint),
-                self._dataset,
-                collate_fn=self._collate,
-                batch_size=cfg.get("reference_batch_size", cfg.batch_size),
-                device=self._device,
-                world_size=self.world_size,
-                rank=self.rank,
-                chunk_tokens=self._chunk_tokens,
-            )
+            model = self._model if self._reference_is_base else self._build_reference(cfg, checkpoint)
+            with self._as_reference(model):
+                return compute_reference_logps(
+                    model,
+                    self._dataset,
+                    collate_fn=self._collate,
+                    batch_size=cfg.get("reference_batch_size", cfg.batch_size),
+                    device=self._device,
+                    world_size=self.world_size,
+                    rank=self.rank,
+                    chunk_tokens=self._chunk_tokens,
+                )
 
         return load_or_compute_reference_logps(
             cfg.get("reference_logps_dir", None) or f"{cfg.output_dir}/reference_logps",
@@ -127,7 +140,7 @@ class RAORecipeDistributed(DistributedRecipe):
         reference_logps = batch.get("reference_logps")
         reference_prompt_logps = batch.get("reference_prompt_logps")
         if self._ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self._as_reference(self._ref_model):
                 reference_logps, reference_prompt_logps = sequence_logps(
                     self._ref_model, batch, chunk_tokens=self._chunk_tokens
                 )

@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torchao.dtypes.nf4tensor import NF4Tensor
+from torchtune.modules.peft import LoRALinear
 
 from rao_tune.training.attention import model_inputs
 
@@ -75,11 +77,22 @@ def fused_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tok
     return FusedTokenLogProbs.apply(hidden, weight, targets, chunk_tokens)
 
 
+def refuse_output_adapter(model: nn.Module) -> None:
+    """Fused log-probs read the output projection's weight directly, which would skip an adapter on it."""
+    if isinstance(model.output, LoRALinear):
+        raise ValueError(
+            "apply_lora_to_output=True is not supported: log-probs are computed from the output projection's weight "
+            "without materialising logits, which would skip an adapter on it. Set model.apply_lora_to_output=False."
+        )
+
+
 def output_projection_weight(model: nn.Module) -> Tensor:
     """The ``[vocab, dim]`` weight of a torchtune decoder's output projection (the embedding when tied, as in
-    Qwen2.5's small models)."""
+    Qwen2.5's small models); a QLoRA model's frozen NF4 projection is dequantized for the call."""
     output = model.output
-    return output.tied_module.weight if hasattr(output, "tied_module") else output.weight
+    refuse_output_adapter(model)
+    weight = output.tied_module.weight if hasattr(output, "tied_module") else output.weight
+    return weight.get_original_weight() if isinstance(weight, NF4Tensor) else weight
 
 
 @contextmanager

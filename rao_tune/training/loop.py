@@ -67,7 +67,7 @@ def steps_per_epoch(
 def setup_optimizer(cfg: DictConfig, model: nn.Module, *, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
     """Optimizer and LR schedule from ``cfg.optimizer`` / ``cfg.lr_scheduler``, at step 0 (a resumed run loads
     both states from its step checkpoint)."""
-    optimizer = config.instantiate(cfg.optimizer, model.parameters())
+    optimizer = config.instantiate(cfg.optimizer, [param for param in model.parameters() if param.requires_grad])
     lr_scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     return optimizer, lr_scheduler
 
@@ -86,7 +86,8 @@ def guarded_optimizer_step(
     every rank takes the same decision. Returns the gradient norm (before clipping) when clipping."""
     grad_norm = None
     if clip_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip_grad_norm))
+        trained = [param for param in model.parameters() if param.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, float(clip_grad_norm))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         grad_norm = float(grad_norm)
     if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):

@@ -200,7 +200,7 @@ def model_shape(model: nn.Module) -> dict[str, int]:
         "num_hidden_layers": len(model.layers),
         "num_attention_heads": attention.num_heads,
         "num_key_value_heads": attention.num_kv_heads,
-        "intermediate_size": mlp.w1.out_features,
+        "intermediate_size": mlp.w1.weight.shape[0],  # (a LoRALinear has no out_features)
     }
 
 

@@ -30,6 +30,7 @@ from rao_tune.training.checkpoint import (
     read_trainer_state,
 )
 from rao_tune.training.distributed import init_distributed
+from rao_tune.training.lora import AdapterExport
 from rao_tune.training.loop import build_dataloader, guarded_optimizer_step, setup_optimizer, steps_per_epoch
 from rao_tune.training.metrics import METRICS_FILE, MetricsFileLogger, memory_stats
 from rao_tune.training.preflight import (
@@ -120,6 +121,7 @@ class DistributedRecipe:
         self._checkpointer = config.instantiate(
             cfg.checkpointer, output_dir=str(self._output_dir / STAGING_DIR), should_load_recipe_state=False
         )
+        self._checkpointer_cfg = cfg.checkpointer
         return self._checkpointer.load_checkpoint()
 
     def model_options(self, cfg: DictConfig) -> dict[str, Any]:
@@ -131,6 +133,7 @@ class DistributedRecipe:
             cpu_offload=cfg.get("fsdp_cpu_offload", False),
             custom_sharded_layers=cfg.get("custom_sharded_layers", None),
             compile=cfg.get("compile", False),
+            adapter_seed=self.seed,
         )
 
     def batch_collator(
@@ -265,6 +268,7 @@ class DistributedRecipe:
         export_hf_checkpoint(
             self._checkpointer, model, name=f"epoch_{epoch}", staging_epoch=epoch, output_dir=self._output_dir,
             device=self._device, is_rank_zero=self._is_rank_zero,
+            adapters=AdapterExport.for_model(model, self._checkpointer_cfg),
         )
         self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.run_settings())
 
