@@ -30,8 +30,15 @@ RECIPES = {"sft": "sft_distributed", "reward_model": "reward_model_distributed",
            "true_reward": "annotate_rewards", "eval": "evaluate", "sample": "sample_responses"}
 
 
+# A LoRA config keeps its LoRA settings on the family's tiny model: the family's LoRA component builder.
+LORA_COMPONENTS = {"torchtune.models.llama3.llama3": "torchtune.models.llama3.lora_llama3",
+                   "torchtune.models.qwen2.qwen2": "torchtune.models.qwen2.lora_qwen2",
+                   "rao_tune.models.eurollm": "torchtune.models.llama3.lora_llama3"}
+
+
 def stage_of(name):
-    return next((stage for stage in RECIPES if name.endswith(f"_{stage}")), "rao")
+    base = name.removesuffix("_lora")
+    return next((stage for stage in RECIPES if base.endswith(f"_{stage}")), "rao")
 
 
 def family_of(name):
@@ -88,6 +95,8 @@ def paper_config_overrides(name, assets, tmp_path, tiny_assets):
                 f"checkpoints=[{{name: tiny, checkpoint_dir: {assets['checkpoint_dir']}}}]",
                 "tasks=[tiny_choice,tiny_answer]", f"include_path={tiny_assets['eval_tasks_dir']}",
                 "include_defaults=False", "limit=3", "device=cpu", "dtype=fp32"]
+    if "lora_rank" in cfg.get("model", {}):
+        assets = {**assets, "model_component": LORA_COMPONENTS[assets["model_component"]]}
     data = tiny_data(tmp_path, stage)
     model_key = {"reward_model": "model", "annotate": "scorer.model"}.get(stage)
     sizes = [f"{model_key or 'model'}.{key}={value}" for key, value in assets["model_kwargs"].items()]
@@ -145,3 +154,4 @@ def test_config_runs_two_steps_on_cpu(monkeypatch, tmp_path, tiny_assets, family
     steps = read_disk_log(tmp_path / "run" / "logs")
     assert {1, 2} <= set(steps)
     assert (tmp_path / "run" / "epoch_0" / "config.json").exists()
+    assert (tmp_path / "run" / "epoch_0" / "adapter" / "adapter_config.json").exists() == name.endswith("_lora")

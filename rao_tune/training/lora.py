@@ -1,7 +1,7 @@
 """LoRA and QLoRA with torchtune's LoRA model builders: which weights train, how adapters start, how they leave.
 
 A config turns LoRA on by naming a LoRA builder as its model (``torchtune.models.llama3.lora_llama3_8b``,
-``lora_qwen2_5_7b_instruct``, ``rao_tune.models.lora_eurollm_9b``; ``quantize_base: True`` for QLoRA, the base
+``lora_qwen2_5_7b_base``, or ``lora_llama3`` with EuroLLM's sizes; ``quantize_base: True`` for QLoRA, the base
 stored in torchao's NF4). Then only the adapters train (and a reward model's new score head, see
 :func:`new_heads`); the base is frozen, so the reference model of a preference loss is the policy with its adapters
 switched off (:func:`torchtune.modules.peft.disable_adapter`) and no second model is built.
