@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -58,18 +59,27 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, after --")
     args = parser.parse_args()
 
+    summary = run_once(args.recipe, args.config, args.nproc, args.overrides, warmup=args.warmup)
+    print(json.dumps(summary, indent=2))
+
+
+def run_once(recipe: str, config: str, nproc: int, overrides: list[str], *, warmup: int) -> dict[str, Any]:
+    """One ``tune run`` of ``recipe`` into a scratch folder; the summary of what it logged, with its wall time."""
     with tempfile.TemporaryDirectory(prefix="rao_bench_") as scratch:
         command = [
-            sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", str(args.nproc),
-            args.recipe, "--config", args.config, f"output_dir={scratch}", *args.overrides,
+            sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", str(nproc),
+            recipe, "--config", config, f"output_dir={scratch}", *overrides,
         ]
         print(" ".join(command), file=sys.stderr)
         started = time.perf_counter()
         subprocess.run(command, cwd=REPO_ROOT, check=True)
         wall = time.perf_counter() - started
-        summary = summarise(read_metrics(scratch), args.warmup)
-    summary.update(wall_time_s=wall, nproc=args.nproc, config=args.config, overrides=" ".join(args.overrides))
-    print(json.dumps(summary, indent=2))
+        summary = summarise(read_metrics(scratch), warmup)
+        checkpoints = sorted((Path(scratch) / "checkpoints").glob("step_*"))
+        if checkpoints:
+            summary["step_checkpoint_mib"] = sum(f.stat().st_size for f in checkpoints[-1].iterdir()) / 2**20
+    summary.update(wall_time_s=wall, nproc=nproc, config=config, overrides=" ".join(overrides))
+    return summary
 
 
 if __name__ == "__main__":
