@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -25,11 +25,12 @@ from torchtune.modules.peft import disable_adapter
 
 from rao_tune.losses import LossOutput, ResponseLogProbs
 from rao_tune.training.distributed import all_reduce_sum
+from rao_tune.training.loop import free_memory, held_out_sums
 from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, refuse_output_adapter, sequence_logps
 from rao_tune.training.lora import lora_settings
 from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, preference_statistics
 from rao_tune.training.model import setup_fsdp_model
-from rao_tune.training.preflight import check_checkpoint_matches_model
+from rao_tune.training.preflight import check_checkpoint_matches_model, instantiate_checked
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
 from rao_tune.training.reference import (
     ReferenceLogProbs,
@@ -46,12 +47,19 @@ class RAORecipeDistributed(DistributedRecipe):
     CONFIG_KEYS = frozenset({
         "ref_checkpointer", "monitor_with_reference", "reference_logps", "reference_logps_dir",
         "reference_batch_size", "pack_responses", "max_row_tokens", "logprob_chunk_tokens",
+        "eval_dataset", "eval_every_n_steps", "eval_batch_size",
     })
 
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
         # Everything that can be wrong with the loss, data, tokenizer or checkpoint is found before weights load.
         self.setup_loss_and_data(cfg)
+        self._eval_dataset = None  # held-out rows, scored every eval_every_n_steps and at each epoch end
+        if cfg.get("eval_dataset") is not None:
+            self._eval_dataset = instantiate_checked(cfg.eval_dataset, self._tokenizer, what="eval_dataset")
+        self._eval_every_n_steps = cfg.get("eval_every_n_steps", None)
+        self._eval_batch_size = cfg.get("eval_batch_size", None) or cfg.batch_size
+        self._evaluated_at: Optional[int] = None  # the step of the last held-out evaluation
         self._loss_fn.check_data(self._dataset.rewards_per_prompt())
         for name, value in self._loss_fn.calibrate(self._dataset.all_rewards()).items():
             utils.log_rank_zero(log, f"loss calibrated on the training rewards: {name} = {value:.6g}")
@@ -61,10 +69,10 @@ class RAORecipeDistributed(DistributedRecipe):
         reference_mode = cfg.get("reference_logps", "precomputed")
         if needs_reference and reference_mode not in ("precomputed", "online"):
             raise ValueError(f"reference_logps must be 'precomputed' or 'online', got {reference_mode!r}")
-        meta_model = self.check_model_inputs(cfg, self._dataset)
+        meta_model = self.check_model_inputs(cfg, self._dataset, self._eval_dataset)
         if needs_reference and cfg.get("ref_checkpointer") is not None:
             check_checkpoint_matches_model(cfg.ref_checkpointer, meta_model)
-        self._collate = self.batch_collator(cfg, meta_model, self._dataset)
+        self._collate = self.batch_collator(cfg, meta_model, self._dataset, self._eval_dataset)
         self._chunk_tokens = cfg.get("logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
 
         refuse_output_adapter(meta_model)  # before any weight loads
@@ -84,7 +92,14 @@ class RAORecipeDistributed(DistributedRecipe):
         reference = "none (reference-free loss: logratio_* metrics are log pi, not log pi/pi_ref)"
         if needs_reference:
             if reference_mode == "precomputed":
-                self._dataset = WithReferenceLogProbs(self._dataset, self._precomputed_reference(cfg, checkpoint))
+                reference_model = self._model if self._reference_is_base else None  # built on first need
+                for name in ("_dataset", "_eval_dataset"):
+                    dataset = getattr(self, name)
+                    if dataset is not None:
+                        table, reference_model = self._precomputed_reference(cfg, checkpoint, dataset, reference_model)
+                        setattr(self, name, WithReferenceLogProbs(dataset, table))
+                del reference_model  # a reference model of its own goes before training starts
+                free_memory()
             else:
                 self._ref_model = self._model if self._reference_is_base else self._build_reference(cfg, checkpoint)
             reference = f"{reference_mode}{'' if self._loss_fn.needs_reference else ', for metrics only'}"
@@ -108,17 +123,22 @@ class RAORecipeDistributed(DistributedRecipe):
             checkpoint = config.instantiate(cfg.ref_checkpointer, should_load_recipe_state=False).load_checkpoint()
         return setup_fsdp_model(cfg.model, checkpoint[training.MODEL_KEY], trainable=False, **self._model_options)
 
-    def _precomputed_reference(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> ReferenceLogProbs:
+    def _precomputed_reference(
+        self, cfg: DictConfig, checkpoint: dict[str, Any], dataset: Any, model: Optional[nn.Module]
+    ) -> tuple[ReferenceLogProbs, Optional[nn.Module]]:
         """Every example's reference log-probs, read from ``reference_logps_dir`` when this reference, model,
-        dtype and tokenized data were seen before, else computed now (then the reference model is freed)."""
+        dtype and tokenized data were seen before, else computed now with ``model`` (built if None). Returns the
+        table and the reference model, if one was needed, for the next dataset (training, then held-out rows)."""
         reference_checkpointer = cfg.get("ref_checkpointer") or cfg.checkpointer
+        built = [model]
 
         def compute() -> ReferenceLogProbs:
-            model = self._model if self._reference_is_base else self._build_reference(cfg, checkpoint)
-            with self._as_reference(model):
+            if built[0] is None:
+                built[0] = self._build_reference(cfg, checkpoint)
+            with self._as_reference(built[0]):
                 return compute_reference_logps(
-                    model,
-                    self._dataset,
+                    built[0],
+                    dataset,
                     collate_fn=self._collate,
                     batch_size=cfg.get("reference_batch_size", cfg.batch_size),
                     device=self._device,
@@ -127,12 +147,13 @@ class RAORecipeDistributed(DistributedRecipe):
                     chunk_tokens=self._chunk_tokens,
                 )
 
-        return load_or_compute_reference_logps(
+        table = load_or_compute_reference_logps(
             cfg.get("reference_logps_dir", None) or f"{cfg.output_dir}/reference_logps",
-            lambda: reference_fingerprint(reference_checkpointer, cfg.model, self._dtype, self._dataset.fingerprint),
+            lambda: reference_fingerprint(reference_checkpointer, cfg.model, self._dtype, dataset.fingerprint),
             compute,
             rank=self.rank,
         )
+        return table, built[0]
 
     # ------------------------------------------------------------------ one micro-batch
     def _loss_step(self, batch: dict[str, torch.Tensor]) -> tuple[LossOutput, ResponseLogProbs]:
@@ -155,6 +176,41 @@ class RAORecipeDistributed(DistributedRecipe):
         )
         return self._loss_fn(logps), logps
 
+    def _statistics(self, output: LossOutput, logps: ResponseLogProbs) -> dict[str, float]:
+        """One micro-batch's sums for the preference metrics (log-ratios against the reference when there is one)."""
+        log_ratios, prompt_log_ratios = logps.policy_logps.detach(), None
+        if logps.reference_logps is not None:
+            log_ratios = log_ratios - logps.reference_logps
+            prompt_log_ratios = logps.policy_prompt_logps.detach() - logps.reference_prompt_logps
+        return preference_statistics(
+            output.implicit_rewards, log_ratios, logps.rewards, logps.prompt_ids,
+            response_lengths=logps.response_lengths, prompt_log_ratios=prompt_log_ratios,
+        )
+
+    # ------------------------------------------------------------------ held-out evaluation
+    def evaluate(self) -> None:
+        """The training metrics on the held-out rows, each prompt scored by one process once; logged as ``eval_*``.
+        ``eval_loss`` is the mean of the micro-batches' losses weighted by their prompts; the other metrics come
+        from sums over all held-out responses, so they do not depend on how the rows were split."""
+
+        def score(batch: dict[str, torch.Tensor], num_prompts: int) -> dict[str, float]:
+            output, logps = self._loss_step(batch)
+            return {"loss_sum": output.loss.item() * num_prompts, "prompts": float(num_prompts),
+                    **self._statistics(output, logps)}
+
+        totals = held_out_sums(self._model, self._eval_dataset, score, collate_fn=self._collate,
+                               batch_size=self._eval_batch_size, device=self._device, world_size=self.world_size,
+                               rank=self.rank)
+        metrics = {"loss": totals["loss_sum"] / totals["prompts"], "prompts": totals["prompts"],
+                   **finalize_preference_metrics(totals)}
+        metrics = {f"eval_{name}": value for name, value in metrics.items()}
+        utils.log_rank_zero(log, f"step {self.global_step} held-out: " + ", ".join(
+            f"{name}={metrics[name]:.4g}" for name in ("eval_loss", "eval_implicit_accuracy", "eval_reward_correlation")
+            if name in metrics))
+        if self._is_rank_zero:
+            self._metric_logger.log_dict(metrics, step=self.global_step)
+        self._evaluated_at = self.global_step
+
     # ------------------------------------------------------------------ train loop
     def train(self) -> None:
         self._optimizer.zero_grad()
@@ -165,18 +221,10 @@ class RAORecipeDistributed(DistributedRecipe):
             for micro_step, batch in self.micro_batches(epoch):
                 output, logps = self._loss_step(batch)
                 (output.loss / self._gradient_accumulation_steps).backward()
-
-                log_ratios, prompt_log_ratios = logps.policy_logps.detach(), None
-                if logps.reference_logps is not None:
-                    log_ratios = log_ratios - logps.reference_logps
-                    prompt_log_ratios = logps.policy_prompt_logps.detach() - logps.reference_prompt_logps
-                statistics = preference_statistics(
-                    output.implicit_rewards, log_ratios, logps.rewards, logps.prompt_ids,
-                    response_lengths=logps.response_lengths, prompt_log_ratios=prompt_log_ratios,
-                )
                 step_sums = add_statistics(
                     step_sums,
-                    {"loss": output.loss.item(), "tokens": float(batch["useful_tokens"]), **statistics},
+                    {"loss": output.loss.item(), "tokens": float(batch["useful_tokens"]),
+                     **self._statistics(output, logps)},
                 )
                 if not self.closes_step(micro_step):
                     continue
@@ -186,8 +234,13 @@ class RAORecipeDistributed(DistributedRecipe):
                 metrics = {"loss": loss, **finalize_preference_metrics(totals)}
                 self.finish_step(self._model, loss=loss, metrics=metrics, tokens=totals["tokens"], epoch=epoch,
                                  progress=progress, started=step_start)
+                if self._eval_dataset is not None and self._eval_every_n_steps \
+                        and self.global_step % self._eval_every_n_steps == 0:
+                    self.evaluate()
                 step_sums, step_start = {}, time.perf_counter()
             progress.close()
+            if self._eval_dataset is not None and self._evaluated_at != self.global_step:
+                self.evaluate()
             self.end_epoch(self._model, epoch)
 
 

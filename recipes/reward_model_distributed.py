@@ -24,7 +24,7 @@ from rao_tune.losses import PairwiseOutput
 from rao_tune.models import last_token_scores
 from rao_tune.training.attention import model_inputs
 from rao_tune.training.distributed import all_reduce_sum
-from rao_tune.training.loop import sharded_eval_batches
+from rao_tune.training.loop import held_out_sums
 from rao_tune.training.model import setup_fsdp_model
 from rao_tune.training.preflight import instantiate_checked
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
@@ -87,21 +87,13 @@ class RewardModelRecipeDistributed(DistributedRecipe):
         return self._loss_fn(scores, batch["rewards"], batch["prompt_ids"])
 
     # ------------------------------------------------------------------ held-out loss and accuracy
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self._model.eval()
-        sums: dict[str, float] = {"pairs": 0.0, "loss_sum": 0.0, "correct": 0.0, "margin_sum": 0.0}
-        batches = sharded_eval_batches(
-            self._eval_dataset, batch_size=self._eval_batch_size, world_size=self.world_size, rank=self.rank
+        totals = held_out_sums(
+            self._model, self._eval_dataset, lambda batch, _: pair_sums(self._pairwise_step(batch)),
+            collate_fn=self._collate, batch_size=self._eval_batch_size, device=self._device,
+            world_size=self.world_size, rank=self.rank,
         )
-        for samples, real in batches:
-            batch = self._collate(samples)
-            batch = {key: value.to(self._device) for key, value in batch.items()}
-            output = self._pairwise_step(batch)  # every rank runs the forward: FSDP gathers are collective
-            if all(real):
-                sums = {key: sums[key] + value for key, value in pair_sums(output).items()}
-        self._model.train()
-        return pair_means(all_reduce_sum(sums, self._device), prefix="eval_")
+        return pair_means(totals, prefix="eval_")
 
     # ------------------------------------------------------------------ train loop
     def train(self) -> None:

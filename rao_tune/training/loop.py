@@ -1,8 +1,9 @@
 """The pieces of a training loop that the recipes share: resumable data loading, optimizer and schedule set-up,
-one guarded optimizer step, and evenly sharded evaluation batches."""
+one guarded optimizer step, and held-out evaluation over evenly sharded batches."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -12,6 +13,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchtune import config
+
+from rao_tune.training.distributed import all_reduce_sum
 
 
 class ResumableSampler(DistributedSampler):
@@ -123,3 +126,35 @@ def sharded_eval_batches(
             yield [dataset[i] for i in indices], [True] * len(indices)
         else:
             yield [dataset[0]], [False]
+
+
+def held_out_sums(
+    model: nn.Module,
+    dataset: Sequence[dict],
+    score: Callable[[dict[str, torch.Tensor], int], dict[str, float]],
+    *,
+    collate_fn: Callable[[list], dict[str, torch.Tensor]],
+    batch_size: int,
+    device: torch.device,
+    world_size: int,
+    rank: int,
+) -> dict[str, float]:
+    """Sums of ``score(batch, num_examples)`` over ``dataset``, each example scored by exactly one process, summed
+    over processes (collective). Runs ``model`` in eval mode without gradients, then back to training mode."""
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for samples, real in sharded_eval_batches(dataset, batch_size=batch_size, world_size=world_size, rank=rank):
+            batch = {key: value.to(device) for key, value in collate_fn(samples).items()}
+            scored = score(batch, len(samples))  # every rank runs the forward: FSDP's gathers are collective
+            kept = 1.0 if all(real) else 0.0  # a rank out of examples scores a stand-in and adds zeros
+            sums = {key: sums.get(key, 0.0) + kept * value for key, value in scored.items()}
+    model.train()
+    return all_reduce_sum(sums, device)
+
+
+def free_memory() -> None:
+    """Return what dropped models held: Python's cycles, then the CUDA allocator's cache."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

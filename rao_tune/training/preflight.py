@@ -43,7 +43,8 @@ COMMON_KEYS = frozenset({
     "compile", "save_every_n_steps", "keep_last_n", "async_checkpoint",
 })
 _AT_LEAST_ONE = ("epochs", "batch_size", "gradient_accumulation_steps")
-_NONE_OR_AT_LEAST_ONE = ("max_steps_per_epoch", "save_every_n_steps", "keep_last_n", "log_every_n_steps")
+_NONE_OR_AT_LEAST_ONE = ("max_steps_per_epoch", "save_every_n_steps", "keep_last_n", "log_every_n_steps",
+                         "eval_every_n_steps", "eval_batch_size")
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w]*)")
 
 
