@@ -39,6 +39,7 @@ from rao_tune.training.reference import (
     load_or_compute_reference_logps,
     reference_fingerprint,
 )
+from rao_tune.training.value import PolicyAndValue, build_value_model, prompt_values
 
 log = utils.get_logger("INFO")
 
@@ -47,7 +48,7 @@ class RAORecipeDistributed(DistributedRecipe):
     CONFIG_KEYS = frozenset({
         "ref_checkpointer", "monitor_with_reference", "reference_logps", "reference_logps_dir",
         "reference_batch_size", "pack_responses", "max_row_tokens", "logprob_chunk_tokens",
-        "eval_dataset", "eval_every_n_steps", "eval_batch_size",
+        "eval_dataset", "eval_every_n_steps", "eval_batch_size", "value_model", "value_checkpointer", "value_lr",
     })
 
     # ------------------------------------------------------------------ setup
@@ -106,7 +107,19 @@ class RAORecipeDistributed(DistributedRecipe):
             reference += ", the policy with its adapters off" if self._reference_is_base else ""
         del checkpoint[training.MODEL_KEY]
 
-        self.setup_data_and_optimizer(cfg, self._model, self._collate)
+        # A loss with a learned normaliser (DRO's V(x)) trains a value model with the policy: one optimizer (the
+        # value model at value_lr), one gradient clip, one step checkpoint; only the policy is exported.
+        self._value_model, self._trained, param_groups = None, self._model, None
+        if self._loss_fn.needs_value_model:
+            self._value_model = build_value_model(
+                cfg.get("value_model"), cfg.get("value_checkpointer"), what="value",
+                activation_checkpointing=cfg.enable_activation_checkpointing, **self._model_options)
+            self._trained = PolicyAndValue(self._model, self._value_model)
+            param_groups = self._trained.param_groups(cfg.get("value_lr", None))
+        elif cfg.get("value_model") is not None:
+            raise ValueError(f"value_model is set but {type(self._loss_fn).__name__} learns no value network: "
+                             "remove value_model (or use a loss such as rao_tune.losses.DROLoss)")
+        self.setup_data_and_optimizer(cfg, self._trained, self._collate, param_groups)
         utils.log_rank_zero(
             log,
             f"{len(self._dataset)} prompts, {self._steps_per_epoch} steps per epoch, {self.world_size} processes, "
@@ -173,6 +186,7 @@ class RAORecipeDistributed(DistributedRecipe):
             rewards=batch["rewards"],
             prompt_ids=batch["prompt_ids"],
             response_lengths=batch["response_lengths"],
+            values=None if self._value_model is None else prompt_values(self._value_model, batch),
         )
         return self._loss_fn(logps), logps
 
@@ -198,7 +212,7 @@ class RAORecipeDistributed(DistributedRecipe):
             return {"loss_sum": output.loss.item() * num_prompts, "prompts": float(num_prompts),
                     **self._statistics(output, logps)}
 
-        totals = held_out_sums(self._model, self._eval_dataset, score, collate_fn=self._collate,
+        totals = held_out_sums(self._trained, self._eval_dataset, score, collate_fn=self._collate,
                                batch_size=self._eval_batch_size, device=self._device, world_size=self.world_size,
                                rank=self.rank)
         metrics = {"loss": totals["loss_sum"] / totals["prompts"], "prompts": totals["prompts"],
@@ -232,7 +246,7 @@ class RAORecipeDistributed(DistributedRecipe):
                 totals = all_reduce_sum(step_sums, self._device)
                 loss = totals["loss"] / (self._gradient_accumulation_steps * self.world_size)
                 metrics = {"loss": loss, **finalize_preference_metrics(totals)}
-                self.finish_step(self._model, loss=loss, metrics=metrics, tokens=totals["tokens"], epoch=epoch,
+                self.finish_step(self._trained, loss=loss, metrics=metrics, tokens=totals["tokens"], epoch=epoch,
                                  progress=progress, started=step_start)
                 if self._eval_dataset is not None and self._eval_every_n_steps \
                         and self.global_step % self._eval_every_n_steps == 0:
@@ -241,7 +255,7 @@ class RAORecipeDistributed(DistributedRecipe):
             progress.close()
             if self._eval_dataset is not None and self._evaluated_at != self.global_step:
                 self.evaluate()
-            self.end_epoch(self._model, epoch)
+            self.end_epoch(self._trained, epoch, export=self._model)
 
 
 @config.parse

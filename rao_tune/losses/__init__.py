@@ -5,6 +5,7 @@ Swap them from the command line with ``loss._component_=rao_tune.losses.<Name>``
 
 from rao_tune.losses.base import LossOutput, PreferenceLoss, ResponseLogProbs
 from rao_tune.losses.bradley_terry import BradleyTerryLoss, PairwiseOutput
+from rao_tune.losses.dro import DROLoss
 from rao_tune.losses.pairs import PAIR_RULES, preference_pairs
 from rao_tune.losses.pairwise import (
     CalDPOLoss,
@@ -25,6 +26,7 @@ __all__ = [
     "BradleyTerryLoss",
     "CalDPOLoss",
     "DPOLoss",
+    "DROLoss",
     "DistillationLoss",
     "IPOLoss",
     "LossOutput",

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 class ResponseLogProbs:
     """Everything a preference loss may read about a batch of N responses to B prompts (all ``[N]``).
 
-    ``reference_logps`` and ``reference_prompt_logps`` are None when the loss needs no reference model.
+    ``reference_logps`` and ``reference_prompt_logps`` are None when the loss needs no reference model;
+    ``values`` (a value network's V(x) of each response's prompt) is None unless the loss needs a value model.
     """
 
     policy_logps: Tensor
@@ -22,6 +23,7 @@ class ResponseLogProbs:
     rewards: Tensor
     prompt_ids: Tensor
     response_lengths: Tensor
+    values: Optional[Tensor] = None
 
 
 @dataclass
@@ -35,7 +37,8 @@ class LossOutput:
 class PreferenceLoss(nn.Module):
     """Base class: ``forward(batch: ResponseLogProbs) -> LossOutput``.
 
-    ``needs_reference`` tells the recipe whether to load and run a reference model at all.
+    ``needs_reference`` tells the recipe whether to load and run a reference model at all;
+    ``needs_value_model`` whether to build and train a value network V(x) with the policy (DRO).
     ``check_data`` sees each training prompt's rewards before any model loads and refuses data the loss cannot
     learn from (e.g. a pairwise loss over prompts that give no pair).
     ``calibrate`` sees every reward of the training set once before training (e.g. to pick a
@@ -43,6 +46,7 @@ class PreferenceLoss(nn.Module):
     """
 
     needs_reference: bool = True
+    needs_value_model: bool = False
 
     def check_data(self, prompt_rewards: Sequence[Sequence[float]]) -> None:
         return None

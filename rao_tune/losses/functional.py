@@ -334,3 +334,25 @@ def reward_partition_loss(
     log_normaliser = partition_log_normaliser(reference_logps, rewards, prompt_ids, tau=tau).detach()
     residual = (policy_logps - reference_logps) - (rewards / tau - log_normaliser)
     return 0.5 * per_prompt_mean(residual**2, prompt_ids).mean()
+
+
+def dro_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    values: Tensor,
+    rewards: Tensor,
+    prompt_ids: Tensor,
+    *,
+    tau: float,
+) -> Tensor:
+    """Direct Reward Optimisation (Richemond et al. 2024, arXiv 2405.19107, Eq. 9), over single trajectories
+    ``(x, y, r)``, with a learned value ``V(x)`` in place of the normaliser::
+
+        L(theta, V) = 1/2 * mean over prompts of mean over responses of (r - V(x) - tau * log(pi/pi_ref)(y|x))^2
+
+    Both the policy and ``values`` (a value network's output, one per response, equal within a prompt) descend
+    it; at the optimum ``V(x) = tau * log Z(x)`` and ``pi = pi*``, the KL-regularised optimum, from any number
+    of responses per prompt, including one.
+    """
+    residual = rewards - values - tau * (policy_logps - reference_logps)
+    return 0.5 * per_prompt_mean(residual**2, prompt_ids).mean()

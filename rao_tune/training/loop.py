@@ -67,10 +67,13 @@ def steps_per_epoch(
     return steps
 
 
-def setup_optimizer(cfg: DictConfig, model: nn.Module, *, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+def setup_optimizer(
+    cfg: DictConfig, model: nn.Module, *, total_steps: int, param_groups: Optional[list[dict[str, Any]]] = None
+) -> tuple[torch.optim.Optimizer, Any]:
     """Optimizer and LR schedule from ``cfg.optimizer`` / ``cfg.lr_scheduler``, at step 0 (a resumed run loads
-    both states from its step checkpoint)."""
-    optimizer = config.instantiate(cfg.optimizer, [param for param in model.parameters() if param.requires_grad])
+    both states from its step checkpoint), over ``param_groups`` (default: one group, the trainable parameters)."""
+    params = param_groups or [param for param in model.parameters() if param.requires_grad]
+    optimizer = config.instantiate(cfg.optimizer, params)
     lr_scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     return optimizer, lr_scheduler
 

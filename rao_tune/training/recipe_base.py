@@ -54,6 +54,8 @@ class DistributedRecipe:
     recipe reads beyond the common ones; any other key is refused before anything starts."""
 
     CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset()
+    # Optimizer updates per counted step (PPO: several per batch of rollouts); the LR schedule spans them all.
+    updates_per_step: int = 1
 
     def __init__(self, cfg: DictConfig, resume_from: Optional[Path] = None) -> None:
         self._device = utils.get_device(device=cfg.device)
@@ -153,9 +155,12 @@ class DistributedRecipe:
             max_row_tokens=cfg.get("max_row_tokens", None),
         )
 
-    def setup_data_and_optimizer(self, cfg: DictConfig, model: nn.Module, collate_fn: Callable) -> None:
+    def setup_data_and_optimizer(
+        self, cfg: DictConfig, model: nn.Module, collate_fn: Callable, param_groups: Optional[list[dict]] = None
+    ) -> None:
         """Loader over ``self._dataset`` (batches made by ``collate_fn``), steps per epoch, the optimizer and
-        schedule of ``model``, and, when resuming, their state from the step checkpoint."""
+        schedule of ``model`` (over ``param_groups`` if given), and, when resuming, their state from the step
+        checkpoint. ``model`` is everything that trains (e.g. a :class:`rao_tune.training.value.PolicyAndValue`)."""
         self._batch_size = cfg.batch_size
         self._sampler, self._dataloader = build_dataloader(
             self._dataset,
@@ -173,7 +178,8 @@ class DistributedRecipe:
             explain=f"{len(self._dataset)} examples, batch_size={cfg.batch_size}, {self.world_size} processes",
         )
         self._optimizer, self._lr_scheduler = setup_optimizer(
-            cfg, model, total_steps=self.total_epochs * self._steps_per_epoch
+            cfg, model, total_steps=self.total_epochs * self._steps_per_epoch * self.updates_per_step,
+            param_groups=param_groups,
         )
         if self._resume_from is not None:
             self.progress, saved = self._step_checkpointer.load(
@@ -238,7 +244,7 @@ class DistributedRecipe:
             return
         metrics = {
             **metrics,
-            "lr": training.get_lr(self._optimizer),
+            **learning_rates(self._optimizer),
             "tokens_per_second": tokens / elapsed,
             "step_time": elapsed,
             **memory_stats(self._device),
@@ -261,14 +267,16 @@ class DistributedRecipe:
         if every and self.global_step % every == 0 and self.progress.step_in_epoch < self._steps_per_epoch:
             self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.run_settings())
 
-    def end_epoch(self, model: nn.Module, epoch: int) -> None:
-        """The HF export ``output_dir/epoch_{epoch}`` and a step checkpoint at the epoch's end. Collective."""
+    def end_epoch(self, model: nn.Module, epoch: int, export: Optional[nn.Module] = None) -> None:
+        """The HF export ``output_dir/epoch_{epoch}`` of ``export`` (default: ``model``, e.g. the policy of a
+        policy and its value model) and a step checkpoint of ``model`` at the epoch's end. Collective."""
         self._step_checkpointer.finish()  # an asynchronous save's collectives end before the export's begin
         self.progress = Progress(epoch=epoch + 1, step_in_epoch=0, global_step=self.global_step)
+        export = model if export is None else export
         export_hf_checkpoint(
-            self._checkpointer, model, name=f"epoch_{epoch}", staging_epoch=epoch, output_dir=self._output_dir,
+            self._checkpointer, export, name=f"epoch_{epoch}", staging_epoch=epoch, output_dir=self._output_dir,
             device=self._device, is_rank_zero=self._is_rank_zero,
-            adapters=AdapterExport.for_model(model, self._checkpointer_cfg),
+            adapters=AdapterExport.for_model(export, self._checkpointer_cfg),
         )
         self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.run_settings())
 
@@ -277,6 +285,14 @@ class DistributedRecipe:
         if self._is_rank_zero and hasattr(self, "_metric_logger"):
             self._metric_logger.close()
         dist.destroy_process_group()
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``lr`` of the first parameter group, and ``lr_<name>`` of each further group (e.g. ``lr_value``).
+    torchtune's ``get_lr`` refuses groups with different learning rates."""
+    groups = optimizer.param_groups
+    return {"lr": groups[0]["lr"], **{f"lr_{group.get('name', index)}": group["lr"]
+                                      for index, group in enumerate(groups[1:], start=1)}}
 
 
 def run_recipe(recipe_cls: type, cfg: DictConfig) -> None:
