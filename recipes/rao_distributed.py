@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any, ContextManager, Optional
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torchtune import config, training, utils
-from torchtune.modules.peft import disable_adapter
 
 from rao_tune.losses import LossOutput, ResponseLogProbs
 from rao_tune.training.distributed import all_reduce_sum
 from rao_tune.training.loop import free_memory, held_out_sums
 from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, refuse_output_adapter, sequence_logps
-from rao_tune.training.lora import lora_settings
 from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, preference_statistics
 from rao_tune.training.model import setup_fsdp_model
 from rao_tune.training.preflight import check_checkpoint_matches_model, instantiate_checked
@@ -89,7 +86,7 @@ class RAORecipeDistributed(DistributedRecipe):
         # log-probs computed once before training (default) or a second model run at every step. With LoRA
         # (and no ref_checkpointer) the reference is the policy with its adapters off: no second model.
         self._ref_model = None
-        self._reference_is_base = lora_settings(self._model) is not None and cfg.get("ref_checkpointer") is None
+        self._reference_is_base = self.reference_is_policy_base(cfg, self._model)
         reference = "none (reference-free loss: logratio_* metrics are log pi, not log pi/pi_ref)"
         if needs_reference:
             if reference_mode == "precomputed":
@@ -102,7 +99,7 @@ class RAORecipeDistributed(DistributedRecipe):
                 del reference_model  # a reference model of its own goes before training starts
                 free_memory()
             else:
-                self._ref_model = self._model if self._reference_is_base else self._build_reference(cfg, checkpoint)
+                self._ref_model = self._model if self._reference_is_base else self.build_reference(cfg, checkpoint)
             reference = f"{reference_mode}{'' if self._loss_fn.needs_reference else ', for metrics only'}"
             reference += ", the policy with its adapters off" if self._reference_is_base else ""
         del checkpoint[training.MODEL_KEY]
@@ -127,14 +124,7 @@ class RAORecipeDistributed(DistributedRecipe):
         )
 
     def _as_reference(self, model: nn.Module) -> ContextManager:
-        """Where the reference runs: the policy with adapters off (LoRA), else a model of its own as it is."""
-        return disable_adapter(model) if self._reference_is_base else nullcontext()
-
-    def _build_reference(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> nn.Module:
-        """The frozen reference model: ``ref_checkpointer`` if configured, else the policy's starting checkpoint."""
-        if cfg.get("ref_checkpointer") is not None:
-            checkpoint = config.instantiate(cfg.ref_checkpointer, should_load_recipe_state=False).load_checkpoint()
-        return setup_fsdp_model(cfg.model, checkpoint[training.MODEL_KEY], trainable=False, **self._model_options)
+        return self.as_reference(model, adapters_off=self._reference_is_base)
 
     def _precomputed_reference(
         self, cfg: DictConfig, checkpoint: dict[str, Any], dataset: Any, model: Optional[nn.Module]
@@ -147,7 +137,7 @@ class RAORecipeDistributed(DistributedRecipe):
 
         def compute() -> ReferenceLogProbs:
             if built[0] is None:
-                built[0] = self._build_reference(cfg, checkpoint)
+                built[0] = self.build_reference(cfg, checkpoint)
             with self._as_reference(built[0]):
                 return compute_reference_logps(
                     built[0],

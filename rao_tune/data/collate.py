@@ -144,7 +144,8 @@ def collate_reward_batch(samples: Sequence[dict], pad_id: int = 0) -> dict[str, 
 
 
 def collate_packed_batch(
-    samples: Sequence[dict], pad_id: int = 0, max_row_tokens: Optional[int] = None, fixed_width: bool = False
+    samples: Sequence[dict], pad_id: int = 0, max_row_tokens: Optional[int] = None, fixed_width: bool = False,
+    score_prompts: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Pack B prompts, each followed once by its k_i responses, into rows of at most ``max_row_tokens`` tokens
     (None: one row); ``fixed_width`` pads every row to exactly ``max_row_tokens``, so that shapes repeat (a
@@ -158,7 +159,8 @@ def collate_packed_batch(
     from which :func:`rao_tune.training.attention.prefix_sharing_mask` builds the attention mask. Groups are
     placed longest first, each into the first row with room. A prompt whose responses do not fit one row with
     it is split into several groups that repeat the prompt (its own tokens are scored once, in the first of
-    these groups to be placed).
+    these groups to be placed). ``score_prompts=False`` leaves the prompts' own tokens out of the scored pairs
+    (PPO reads only the responses' log-probs).
     """
     builder = _BatchBuilder(samples)
     groups = []  # (prompt index, [(response index, response tokens), ...])
@@ -195,7 +197,7 @@ def collate_packed_batch(
         row_lengths[row] += length
         prompt = samples[prompt_index]["prompt_tokens"]
         prompt_start = builder.append(row, prompt, 0, group=group_id, segment=0)
-        if prompt_index not in prompt_scored:
+        if score_prompts and prompt_index not in prompt_scored:
             builder.score_prompt(row, prompt_start, prompt, prompt_index)
             prompt_scored.add(prompt_index)
         for index, response in members:

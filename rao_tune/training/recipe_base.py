@@ -9,7 +9,8 @@ import logging
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from contextlib import nullcontext
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 from torchtune import config, training, utils
+from torchtune.modules.peft import disable_adapter
 from tqdm import tqdm
 
 from rao_tune.data import collate_reward_batch
@@ -30,9 +32,10 @@ from rao_tune.training.checkpoint import (
     read_trainer_state,
 )
 from rao_tune.training.distributed import init_distributed
-from rao_tune.training.lora import AdapterExport
+from rao_tune.training.lora import AdapterExport, lora_settings
 from rao_tune.training.loop import build_dataloader, guarded_optimizer_step, setup_optimizer, steps_per_epoch
 from rao_tune.training.metrics import METRICS_FILE, MetricsFileLogger, memory_stats
+from rao_tune.training.model import setup_fsdp_model
 from rao_tune.training.preflight import (
     COMMON_KEYS,
     check_checkpoint_matches_model,
@@ -138,6 +141,22 @@ class DistributedRecipe:
             adapter_seed=self.seed,
         )
 
+    def reference_is_policy_base(self, cfg: DictConfig, policy: nn.Module) -> bool:
+        """Whether the reference is the policy with its adapters off (a LoRA policy and no ``ref_checkpointer``):
+        then no second model is built."""
+        return lora_settings(policy) is not None and cfg.get("ref_checkpointer") is None
+
+    def build_reference(self, cfg: DictConfig, checkpoint: dict[str, Any]) -> nn.Module:
+        """The frozen reference model: ``ref_checkpointer`` if configured, else the policy's starting checkpoint."""
+        if cfg.get("ref_checkpointer") is not None:
+            checkpoint = config.instantiate(cfg.ref_checkpointer, should_load_recipe_state=False).load_checkpoint()
+        return setup_fsdp_model(cfg.model, checkpoint[training.MODEL_KEY], trainable=False, **self.model_options(cfg))
+
+    @staticmethod
+    def as_reference(model: nn.Module, adapters_off: bool) -> ContextManager:
+        """Where the reference runs: the policy with adapters off (``adapters_off``), else a model of its own."""
+        return disable_adapter(model) if adapters_off else nullcontext()
+
     def batch_collator(
         self, cfg: DictConfig, model: nn.Module, *datasets: Optional[Dataset]
     ) -> Callable[[list], dict[str, torch.Tensor]]:
@@ -223,9 +242,10 @@ class DistributedRecipe:
         done = self.progress.step_in_epoch if epoch == self.progress.epoch else 0
         return tqdm(total=self._steps_per_epoch, initial=done, disable=not self._is_rank_zero, desc=f"epoch {epoch + 1}")
 
-    def optimizer_step(self, model: nn.Module, loss: float, epoch: int) -> float | None:
-        """Clip, refuse a non-finite update, step optimizer and schedule; returns the gradient norm."""
-        grad_norm = guarded_optimizer_step(
+    def update_weights(self, model: nn.Module, loss: float, epoch: int) -> float | None:
+        """Clip, refuse a non-finite update, step optimizer and schedule; returns the gradient norm. ``loss``
+        must be reduced over processes. A recipe with several updates per step (PPO) calls it for each."""
+        return guarded_optimizer_step(
             model,
             self._optimizer,
             self._lr_scheduler,
@@ -233,9 +253,6 @@ class DistributedRecipe:
             clip_grad_norm=self._clip_grad_norm,
             where=f"step {self.global_step + 1} (epoch {epoch + 1})",
         )
-        self.progress.global_step += 1
-        self.progress.step_in_epoch += 1
-        return grad_norm
 
     def log_step(self, metrics: dict[str, float], *, tokens: float, elapsed: float, grad_norm: float | None) -> None:
         """Log the recipe's own metrics with lr, throughput, step time, peak memory and gradient norm (rank 0,
@@ -255,11 +272,15 @@ class DistributedRecipe:
 
     def finish_step(
         self, model: nn.Module, *, loss: float, metrics: dict[str, float], tokens: float, epoch: int, progress: tqdm,
-        started: float,
+        started: float, updated: bool = False, grad_norm: float | None = None,
     ) -> None:
-        """The end of an optimizer step: guarded update, metrics (with the step's wall time since ``started``),
-        progress bar, and a step checkpoint every ``save_every_n_steps`` (the epoch's last step saves at its end)."""
-        grad_norm = self.optimizer_step(model, loss, epoch)
+        """The end of a step: the guarded update (unless the recipe ``updated`` the weights itself, with
+        ``grad_norm`` its last gradient norm), metrics (with the step's wall time since ``started``), progress
+        bar, and a step checkpoint every ``save_every_n_steps`` (the epoch's last step saves at its end)."""
+        if not updated:
+            grad_norm = self.update_weights(model, loss, epoch)
+        self.progress.global_step += 1
+        self.progress.step_in_epoch += 1
         self.log_step(metrics, tokens=tokens, elapsed=time.perf_counter() - started, grad_norm=grad_norm)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4g}")
