@@ -11,7 +11,7 @@ import json
 import shutil
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torchtune import training
 
 from rao_tune.models import RewardModelHFCheckpointer
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 CONFIGS = sorted(path.stem for path in (REPO_ROOT / "configs").glob("*.yaml") if not path.stem.endswith("_generate"))
 FAMILIES = {"llama3_8b": "llama3", "qwen2_5_7b": "qwen2_5", "eurollm_9b": "eurollm"}
 RECIPES = {"sft": "sft_distributed", "reward_model": "reward_model_distributed", "annotate": "annotate_rewards",
-           "true_reward": "annotate_rewards", "eval": "evaluate", "sample": "sample_responses"}
+           "true_reward": "annotate_rewards", "eval": "evaluate", "sample": "sample_responses", "ppo": "ppo_distributed"}
 
 
 # A LoRA config keeps its LoRA settings on the family's tiny model: the family's LoRA component builder.
@@ -86,6 +86,14 @@ def sharded_copy(assets, directory):
     return directory
 
 
+def saved_reward_model(assets, tmp_path):
+    """The family's tiny model saved as a trained reward model (what annotation and PPO configs read)."""
+    checkpointer = RewardModelHFCheckpointer(str(assets["checkpoint_dir"]), str(tmp_path / "rm"),
+                                             model_type=assets["model_type"], pad_token_id=assets["pad_id"])
+    checkpointer.save_checkpoint({training.MODEL_KEY: checkpointer.load_checkpoint()[training.MODEL_KEY]}, epoch=0)
+    return tmp_path / "rm" / "epoch_0"
+
+
 def paper_config_overrides(name, assets, tmp_path, tiny_assets):
     stage, cfg = stage_of(name), OmegaConf.load(REPO_ROOT / "configs" / f"{name}.yaml")
     if stage == "eval":  # the family's tiny checkpoint on the tiny local tasks instead of lm-eval's hub tasks
@@ -105,13 +113,17 @@ def paper_config_overrides(name, assets, tmp_path, tiny_assets):
     tokenizer = [f"{tokenizer_key}.{key}={value}" for key, value in assets["tokenizer_kwargs"].items()]
     data_overrides = ["dataset.source=json", f"dataset.data_files={data}", "dataset.split=train"]
     common = [f"output_dir={tmp_path / 'run'}", *model, *sizes, *tokenizer, *data_overrides]
+    # DRO's value model and PPO's reward model (the value model follows it) get the family's tiny decoder too.
+    for key in ("value_model", "reward_model"):
+        if isinstance(cfg.get(key), DictConfig) and "decoder" in cfg[key]:
+            common += [f"{key}.decoder={assets['model_component']}",
+                       *[f"{key}.{name}={value}" for name, value in assets["model_kwargs"].items()]]
     if stage == "annotate":
-        # The annotation config scores with a trained reward model: save the tiny one as such first.
-        checkpointer = RewardModelHFCheckpointer(str(assets["checkpoint_dir"]), str(tmp_path / "rm"),
-                                                 model_type=assets["model_type"], pad_token_id=assets["pad_id"])
-        checkpointer.save_checkpoint({training.MODEL_KEY: checkpointer.load_checkpoint()[training.MODEL_KEY]}, epoch=0)
-        return [*common, f"reward_model_dir={tmp_path / 'rm' / 'epoch_0'}", "scorer.device=cpu", "scorer.dtype=fp32",
-                "rows_per_shard=4", "batch_size=4"]
+        return [*common, f"reward_model_dir={saved_reward_model(assets, tmp_path)}", "scorer.device=cpu",
+                "scorer.dtype=fp32", "rows_per_shard=4", "batch_size=4"]
+    if stage == "ppo":
+        common += [f"reward_model_dir={saved_reward_model(assets, tmp_path)}", "samples_per_prompt=2",
+                   "max_generated_tokens=4", "ppo_minibatches=1"]
     start_dir = "base_dir" if "base_dir" in cfg else "sft_dir"
     overrides = [*common, f"{start_dir}={sharded_copy(assets, tmp_path / 'start')}",
                  "checkpointer.checkpoint_files.max_filename=00001", "device=cpu", "dtype=fp32",
@@ -133,6 +145,9 @@ def test_config_runs_two_steps_on_cpu(monkeypatch, tmp_path, tiny_assets, family
                           "num_samples=2", "max_new_tokens=4"]
         elif stage not in ("annotate", "true_reward", "eval"):
             overrides += ["epochs=1", "max_steps_per_epoch=2"]
+        if stage == "ppo":  # the tiny base model saved as a reward model, instead of a trained one
+            tiny = {"checkpoint_dir": tiny_assets["checkpoint_dir"], "model_type": "LLAMA3", "pad_id": 514}
+            overrides += [f"reward_model_dir={saved_reward_model(tiny, tmp_path)}"]
     else:
         overrides = paper_config_overrides(name, family_assets(family), tmp_path, tiny_assets)
     run_recipe_in_process(monkeypatch, load_recipe(RECIPES.get(stage, "rao_distributed")),
