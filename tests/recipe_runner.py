@@ -6,11 +6,13 @@ import shutil
 from omegaconf import OmegaConf
 
 from rao_tune.inprocess import call_recipe_main, load_recipe
+from rao_tune.training import recipe_base
 from rao_tune.training.distributed import one_process_env
 
 __all__ = [
     "StopAfterFirstEpoch",
     "crash_after_first_checkpoint",
+    "record_model_builds",
     "load_recipe",
     "paper_config_on_tiny_assets",
     "run_recipe_in_process",
@@ -22,6 +24,17 @@ def run_recipe_in_process(monkeypatch, recipe, config_path, *overrides):
     for key, value in one_process_env().items():
         monkeypatch.setenv(key, value)
     call_recipe_main(recipe, config_path, *overrides)
+
+
+def record_model_builds(monkeypatch, recipe):
+    """The FSDP models ``recipe`` (a loaded recipe module) builds, in order, wherever it builds them: in the recipe
+    file (policy) or through the shared recipe base (reference)."""
+    built = []
+    for module in (recipe, recipe_base):
+        original = module.setup_fsdp_model
+        monkeypatch.setattr(module, "setup_fsdp_model",
+                            lambda *a, _original=original, **k: built.append(_original(*a, **k)) or built[-1])
+    return built
 
 
 class StopAfterFirstEpoch(Exception):

@@ -18,7 +18,13 @@ from rao_tune.training.lora import initial_adapter_state
 from rao_tune.training.metrics import read_metrics
 
 from conftest import REPO_ROOT
-from recipe_runner import StopAfterFirstEpoch, crash_after_first_checkpoint, load_recipe, run_recipe_in_process
+from recipe_runner import (
+    StopAfterFirstEpoch,
+    crash_after_first_checkpoint,
+    load_recipe,
+    record_model_builds,
+    run_recipe_in_process,
+)
 
 pytestmark = pytest.mark.slow
 RAO_LORA = REPO_ROOT / "configs" / "tiny_rao_lora.yaml"
@@ -33,9 +39,7 @@ BASELINES = ["tiny_dpo", "tiny_ipo", "tiny_cal_dpo", "tiny_distillation", "tiny_
 def run(monkeypatch, tiny_assets, output_dir, *overrides, config_path=RAO_LORA, recipe="rao_distributed", module=None):
     """Run a recipe in this process; returns how many models it built (policy, reference)."""
     module = module or load_recipe(recipe)
-    built = []
-    original = module.setup_fsdp_model
-    monkeypatch.setattr(module, "setup_fsdp_model", lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    built = record_model_builds(monkeypatch, module)
     run_recipe_in_process(monkeypatch, module, config_path, f"assets_dir={tiny_assets['out_dir']}",
                           f"output_dir={output_dir}", *overrides)
     return built

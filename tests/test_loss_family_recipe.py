@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from rao_tune.training.metrics import read_disk_log
 
 from conftest import REPO_ROOT
-from recipe_runner import load_recipe, run_recipe_in_process
+from recipe_runner import load_recipe, record_model_builds, run_recipe_in_process
 
 pytestmark = pytest.mark.slow
 TINY_RAO = REPO_ROOT / "configs" / "tiny_rao.yaml"
@@ -23,9 +23,7 @@ COMPARABLE = {"loss", "implicit_reward", "target_reward", "logratio_best", "logr
 def run_counting_models(monkeypatch, tiny_assets, config, output_dir, *overrides):
     """Run 3 steps; return how many models (policy, reference) the recipe built."""
     recipe = load_recipe("rao_distributed")
-    built = []
-    original = recipe.setup_fsdp_model
-    monkeypatch.setattr(recipe, "setup_fsdp_model", lambda *a, **k: built.append(1) or original(*a, **k))
+    built = record_model_builds(monkeypatch, recipe)
     run_recipe_in_process(monkeypatch, recipe, config, f"assets_dir={tiny_assets['out_dir']}", f"output_dir={output_dir}",
                           "epochs=1", "max_steps_per_epoch=3", *overrides)
     return len(built)

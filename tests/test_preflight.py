@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchtune import training
 
+from rao_tune.training import recipe_base
 from rao_tune.training.checkpoint import complete_checkpoints
 from rao_tune.training.metrics import METRICS_FILE, read_disk_log, read_metrics
 
@@ -21,8 +22,11 @@ pytestmark = pytest.mark.slow
 def count_model_loads(monkeypatch, recipe):
     """Count the checkpoint reads and FSDP model builds that ``recipe`` makes."""
     loads = []
-    build, read = recipe.setup_fsdp_model, training.FullModelHFCheckpointer.load_checkpoint
-    monkeypatch.setattr(recipe, "setup_fsdp_model", lambda *a, **k: loads.append("model") or build(*a, **k))
+    read = training.FullModelHFCheckpointer.load_checkpoint
+    for module in (recipe, recipe_base):
+        build = module.setup_fsdp_model
+        monkeypatch.setattr(module, "setup_fsdp_model",
+                            lambda *a, _build=build, **k: loads.append("model") or _build(*a, **k))
     monkeypatch.setattr(training.FullModelHFCheckpointer, "load_checkpoint",
                         lambda self, *a, **k: loads.append("checkpoint") or read(self, *a, **k))
     return loads

@@ -22,6 +22,7 @@ from recipe_runner import (
     crash_after_first_checkpoint,
     load_recipe,
     paper_config_on_tiny_assets,
+    record_model_builds,
     run_recipe_in_process,
 )
 
@@ -103,10 +104,7 @@ def test_one_process_trains_raises_best_responses_and_saves_hf(monkeypatch, tmp_
 
 def count_models_built(monkeypatch, recipe):
     """Make ``recipe`` count the FSDP models it builds (policy, reference)."""
-    built = []
-    original = recipe.setup_fsdp_model
-    monkeypatch.setattr(recipe, "setup_fsdp_model", lambda *args, **kwargs: built.append(1) or original(*args, **kwargs))
-    return built
+    return record_model_builds(monkeypatch, recipe)
 
 
 @pytest.mark.parametrize("loss", ["rao", "dpo", "simpo"])
