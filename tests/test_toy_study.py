@@ -23,6 +23,7 @@ ablations: {responses_per_prompt: [2], annotations: [true_reward]}
 methods:
   RAO: {config: tiny_rao, reward: explicit, grid: {loss.beta: [0.3, 1.0]}}
   DPO: {config: tiny_dpo, reward: implicit, grid: {optimizer.lr: [1e-3, 3e-3]}}
+  PPO: {config: tiny_ppo, recipe: ppo_distributed, reward: online, annotations: [reward_model]}
 sweeps:
   rao_z0: {method: RAO, grid: {loss.z0: [-2.0, 2.0]}}
 """
@@ -68,9 +69,14 @@ def test_study_selects_on_validation_reports_test_and_resumes(tmp_path):
         chosen_test = [json.loads(result_path(out, "k4_reward_model", method, best, s).read_text())["test"]["true_reward"]
                        for s in (0, 1)]
         assert row["test"] == pytest.approx(mean_interval(chosen_test))
-    assert [r["method"] for r in report["main"]] == ["SFT", "RAO", "DPO"]
+    assert [r["method"] for r in report["main"]] == ["SFT", "RAO", "DPO", "PPO"]
+    # PPO samples and scores online with the reward model: it has the k ablation (samples per prompt), not true_reward.
     assert {(r["condition"], r["method"]) for r in report["ablations"]} == {
-        (c, m) for c in ("k2_reward_model", "k4_true_reward") for m in ("RAO", "DPO")}
+        (c, m) for c in ("k2_reward_model", "k4_true_reward") for m in ("RAO", "DPO")} | {("k2_reward_model", "PPO")}
+    ppo_run = out / "runs" / "k4_reward_model" / "PPO" / "defaults" / "seed0"
+    ppo_log = [json.loads(line) for line in (ppo_run / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "kl", "entropy", "clip_fraction"} <= {key for row in ppo_log for key in row}
+    assert {"reward", "kl"} <= set(json.loads((ppo_run / "result.json").read_text())["training"]["final"])
     assert [r["loss.z0"] for r in report["sweeps"]] == [-2.0, 2.0]
     for figure in ("results.png", "fig2_sweep.png", "training_curves.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,7 +95,7 @@ def test_study_selects_on_validation_reports_test_and_resumes(tmp_path):
                     path.write_text(json.dumps(doctored))
     logged.clear()
     again = run_study(cfg, log=logged.append)
-    assert any("main grid: 8 runs, 8 done before" in line for line in logged)
+    assert any("main grid: 10 runs, 10 done before" in line for line in logged)
     assert not any(": validation " in line for line in logged)  # no run trained again
     assert [r["setting"] for r in again["main"]] == [r["setting"] for r in report["main"]]
     assert [r["test"] for r in again["main"]] == [r["test"] for r in report["main"]]
@@ -116,14 +122,15 @@ def test_intervals_are_student_t():
 def test_plan_ablations_at_the_chosen_setting_and_sweeps_override_it(tmp_path):
     cfg = OmegaConf.create(f"out: {tmp_path}\n" + STUDY)
     study = Study(cfg, log=lambda message: None)
-    chosen = {"RAO": (("loss.beta", 1.0),), "DPO": (("optimizer.lr", 0.001),)}
+    chosen = {"RAO": (("loss.beta", 1.0),), "DPO": (("optimizer.lr", 0.001),), "PPO": ()}
     runs = study.later_runs(chosen)
     k2 = Condition(2, "reward_model")
     assert Run("RAO", (("loss.beta", 1.0),), k2, 0) in runs
     assert Run("DPO", (("optimizer.lr", 0.001),), Condition(4, "true_reward"), 1) in runs
     main = Condition(4, "reward_model")
     assert Run("RAO", (("loss.beta", 1.0), ("loss.z0", -2.0)), main, 0) in runs
-    assert len(runs) == 2 * 2 * 2 + 2 * 2
+    assert Run("PPO", (), k2, 0) in runs and Run("PPO", (), Condition(4, "true_reward"), 0) not in runs
+    assert len(runs) == 2 * (3 + 2) + 2 * 2  # seeds x (k2: 3 methods, true_reward: 2 methods) + the z0 sweep
     # A sweep point equal to a grid point is that run (same key order, same folder), not a second one.
     two_keys = {**chosen, "RAO": (("loss.beta", 1.0), ("optimizer.lr", 0.001))}
     swept = Study(OmegaConf.create(f"out: {tmp_path}\n" + STUDY.replace("loss.z0: [-2.0, 2.0]", "loss.beta: [0.3]")),

@@ -3,8 +3,9 @@
 Per seed, once (:func:`prepare_seed`): tiny assets -> SFT on imperfect demonstrations -> k samples per training
 prompt -> the task's true reward -> a Bradley-Terry reward model on pairs ordered by it (held-out accuracy on
 validation prompts' samples) -> annotation of the training samples by the reward model. Then per alignment run
-(:func:`align_and_evaluate`): one loss config of ``configs/`` on those annotations (or on the true rewards), and
-greedy answers to the validation and test prompts scored by the true reward. Every stage runs one of our recipe
+(:func:`align_and_evaluate`): one loss config of ``configs/`` on those annotations (or on the true rewards), or
+online PPO against the reward model on the same training prompts, and greedy answers to the validation and test
+prompts scored by the true reward. Every stage runs one of our recipe
 files in this process (:mod:`rao_tune.inprocess`), so nothing here re-implements a stage.
 """
 
@@ -27,7 +28,8 @@ EXPORTED_WEIGHTS = "checkpointer.checkpoint_files=[model-00001-of-00001.safetens
 # Training metrics averaged over the last steps of a run (the paper's Fig. 2 reads them at the end of training).
 FINAL_METRICS = ("loss", "implicit_reward", "target_reward", "implicit_reward_best", "implicit_reward_worst",
                  "logratio_best", "logratio_worst", "prompt_logratio", "joint_logratio_best", "joint_logratio_worst",
-                 "kl_estimate", "response_length", "implicit_accuracy", "reward_correlation")  # fmt: skip
+                 "kl_estimate", "response_length", "implicit_accuracy", "reward_correlation",
+                 "reward", "kl", "reward_with_kl", "entropy", "clip_fraction", "value_loss")  # fmt: skip
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -140,21 +142,38 @@ def evaluate(out: Path, checkpoint_dir: Path, prepared: Mapping[str, Any], *, ge
     return {"validation": score_answers(answers[:split]), "test": score_answers(answers[split:])}
 
 
+def _data_overrides(recipe: str, prepared: Mapping[str, Any], responses_per_prompt: int, annotations: str) -> list[str]:
+    """What an alignment recipe reads from the seed's shared stages."""
+    data = [f"dataset.data_files={prepared['annotations'][annotations]}", "dataset.on_bad_row=drop"]
+    if recipe == "ppo_distributed":
+        # Online: the same training prompts (their samples unused), k fresh samples per prompt and step, scored by
+        # the seed's reward model; the held-out reward is logged on the validation prompts' samples file.
+        if annotations != "reward_model":
+            raise ValueError("PPO scores its own samples online with the reward model: no true_reward condition")
+        seed_dir = Path(prepared["sft_dir"]).parents[1]
+        reward_model_dir = sorted((seed_dir / "reward_model").glob("epoch_*"), key=lambda p: int(p.name[6:]))[-1]
+        return [*data, f"samples_per_prompt={responses_per_prompt}", f"reward_model_dir={reward_model_dir}",
+                f"eval_dataset.data_files={seed_dir / 'true_rewards' / 'validation.jsonl'}",
+                "eval_dataset.on_bad_row=drop", "max_steps_per_epoch=null"]
+    return [*data, f"dataset.responses_per_prompt={responses_per_prompt}", "dataset.standardize_rewards=True",
+            # Every loss logs the normaliser and the KL estimate: reference-free ones load the reference for metrics.
+            "monitor_with_reference=True"]
+
+
 def align_and_evaluate(
     out: Path, prepared: Mapping[str, Any], *, config: str, overrides: Mapping[str, Any], responses_per_prompt: int,
-    annotations: str, epochs: int, seed: int,
+    annotations: str, epochs: int, seed: int, recipe: str = "rao_distributed",
 ) -> dict[str, Any]:
-    """One alignment run (``recipes/rao_distributed.py`` with ``configs/<config>.yaml``) from the seed's SFT
-    model on its annotated samples, then :func:`evaluate`. Returns the validation and test scores and the
-    training metrics at the start and end of the run; keeps the logs and the final HF export, drops the rest."""
+    """One alignment run (``recipes/<recipe>.py`` with ``configs/<config>.yaml``: an offline loss of
+    ``rao_distributed``, or ``ppo_distributed``) from the seed's SFT model on its annotated samples' prompts, then
+    :func:`evaluate`. Returns the validation and test scores and the training metrics at the start and end of
+    the run; keeps the logs and the final HF export, drops the rest."""
     out = Path(out)
     run_recipe(
-        "rao_distributed", config, f"assets_dir={prepared['assets_dir']}", f"seed={seed}", "overwrite=True",
+        recipe, config, f"assets_dir={prepared['assets_dir']}", f"seed={seed}", "overwrite=True",
         f"output_dir={out}", f"checkpointer.checkpoint_dir={prepared['sft_dir']}", EXPORTED_WEIGHTS,
-        f"dataset.data_files={prepared['annotations'][annotations]}", "dataset.on_bad_row=drop",
-        f"dataset.responses_per_prompt={responses_per_prompt}", "dataset.standardize_rewards=True",
-        # Every loss logs the normaliser and the KL estimate: reference-free ones load the reference for metrics.
-        "monitor_with_reference=True", f"epochs={epochs}", *[f"{key}={value}" for key, value in overrides.items()],
+        *_data_overrides(recipe, prepared, responses_per_prompt, annotations),
+        f"epochs={epochs}", *[f"{key}={value}" for key, value in overrides.items()],
     )
     final_dir = out / f"epoch_{epochs - 1}"
     scores = evaluate(out / "answers", final_dir, prepared, generator=out.name)

@@ -131,8 +131,11 @@ class Study:
         ablations = self.cfg.get("ablations") or {}
         conditions = [Condition(int(k), self.main.annotations) for k in ablations.get("responses_per_prompt", [])]
         conditions += [Condition(self.main.responses_per_prompt, str(a)) for a in ablations.get("annotations", [])]
+        # A method runs in the conditions it can (PPO scores its own samples online: no true_reward condition).
         runs = [Run(method, chosen[method], condition, seed)
-                for condition in conditions for method in self.cfg.methods for seed in self.cfg.seeds]
+                for condition in conditions for method, spec in self.cfg.methods.items()
+                if condition.annotations in spec.get("annotations", ["reward_model", "true_reward"])
+                for seed in self.cfg.seeds]
         for sweep in (self.cfg.get("sweeps") or {}).values():
             for sweep_setting in grid_settings(sweep.grid):
                 setting = sweep_point(chosen[sweep.method], sweep_setting)
@@ -150,7 +153,7 @@ class Study:
             result = align_and_evaluate(
                 run.directory(self.out), prepared, config=spec.config, overrides=dict(run.setting),
                 responses_per_prompt=run.condition.responses_per_prompt, annotations=run.condition.annotations,
-                epochs=int(self.cfg.scale.align_epochs), seed=run.seed,
+                epochs=int(self.cfg.scale.align_epochs), seed=run.seed, recipe=spec.get("recipe", "rao_distributed"),
             )
             result.update(method=run.method, setting=run.setting_name, condition=run.condition.name, seed=run.seed,
                           seconds=time.perf_counter() - started, made_with=self._made_with(run))
