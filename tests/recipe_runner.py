@@ -6,7 +6,7 @@ import shutil
 from omegaconf import OmegaConf
 
 from rao_tune.inprocess import call_recipe_main, load_recipe
-from rao_tune.training import recipe_base
+from rao_tune.training import recipe_base, value
 from rao_tune.training.distributed import one_process_env
 
 __all__ = [
@@ -28,9 +28,10 @@ def run_recipe_in_process(monkeypatch, recipe, config_path, *overrides):
 
 def record_model_builds(monkeypatch, recipe):
     """The FSDP models ``recipe`` (a loaded recipe module) builds, in order, wherever it builds them: in the recipe
-    file (policy) or through the shared recipe base (reference)."""
+    file (policy), through the shared recipe base (reference) or :mod:`rao_tune.training.value` (value and reward
+    models)."""
     built = []
-    for module in (recipe, recipe_base):
+    for module in (recipe, recipe_base, value):
         original = module.setup_fsdp_model
         monkeypatch.setattr(module, "setup_fsdp_model",
                             lambda *a, _original=original, **k: built.append(_original(*a, **k)) or built[-1])

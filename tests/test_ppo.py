@@ -22,7 +22,13 @@ from rao_tune.training.ppo import (
 )
 
 from conftest import REPO_ROOT
-from recipe_runner import StopAfterFirstEpoch, crash_after_first_checkpoint, load_recipe, run_recipe_in_process
+from recipe_runner import (
+    StopAfterFirstEpoch,
+    crash_after_first_checkpoint,
+    load_recipe,
+    record_model_builds,
+    run_recipe_in_process,
+)
 
 CONFIG = REPO_ROOT / "configs" / "tiny_ppo.yaml"
 EOT = 519  # the tiny tokenizer's <|eot_id|>, its stop token
@@ -175,3 +181,17 @@ def test_gradient_accumulation_and_uneven_minibatches_are_refused(monkeypatch, t
         run(monkeypatch, tiny_assets, reward_model_dir, tmp_path / "a", "gradient_accumulation_steps=2")
     with pytest.raises(ValueError, match="ppo_minibatches"):
         run(monkeypatch, tiny_assets, reward_model_dir, tmp_path / "b", "ppo_minibatches=3")
+
+
+@pytest.mark.slow
+def test_lora_ppo_uses_the_policy_with_adapters_off_as_its_reference(monkeypatch, tmp_path, tiny_assets, reward_model_dir):
+    recipe = load_recipe("ppo_distributed")
+    built = record_model_builds(monkeypatch, recipe)
+    run(monkeypatch, tiny_assets, reward_model_dir, tmp_path / "run", "max_steps_per_epoch=3", "optimizer.lr=3e-3",
+        "model._component_=torchtune.models.llama3.lora_llama3", "model.lora_attn_modules=[q_proj,v_proj]",
+        "model.lora_rank=4", "model.lora_alpha=8", recipe=recipe)
+    assert len(built) == 3  # policy, reward model, value model: no second copy of the policy
+    logged = read_disk_log(tmp_path / "run" / "logs")
+    assert logged[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start at B = 0: policy = reference
+    assert logged[3]["kl"] != 0.0  # and the reference stays the base once the adapters move
+    assert (tmp_path / "run" / "epoch_0" / "adapter" / "adapter_model.safetensors").exists()
