@@ -63,7 +63,7 @@ log = utils.get_logger("INFO")
 class PPORecipeDistributed(DistributedRecipe):
     CONFIG_KEYS = frozenset({
         "ref_checkpointer", "reward_model", "reward_checkpointer", "value_model", "value_checkpointer", "value_lr",
-        "samples_per_prompt", "max_generated_tokens", "temperature", "top_k", "missing_eos_score",
+        "samples_per_prompt", "max_generated_tokens", "missing_eos_score",
         "kl_coeff", "gamma", "lmbda", "ppo_epochs", "ppo_minibatches", "max_row_tokens", "logprob_chunk_tokens",
         "eval_dataset", "eval_every_n_steps", "eval_batch_size", "eval_before_training",
     })
@@ -84,10 +84,11 @@ class PPORecipeDistributed(DistributedRecipe):
                              "ppo_minibatches updates instead")
         self._samples_per_prompt = cfg.get("samples_per_prompt", 1)
         self._max_new_tokens = cfg.max_generated_tokens
-        self._temperature, self._top_k = cfg.get("temperature", 1.0), cfg.get("top_k", None)
         self._missing_eos_score = cfg.get("missing_eos_score", None)
         self._kl_coeff, self._gamma, self._lmbda = cfg.kl_coeff, cfg.get("gamma", 1.0), cfg.get("lmbda", 0.95)
         self._ppo_epochs, self._ppo_minibatches = cfg.get("ppo_epochs", 4), cfg.get("ppo_minibatches", 1)
+        if self._ppo_epochs < 1 or self._ppo_minibatches < 1:
+            raise ValueError(f"ppo_epochs ({self._ppo_epochs}) and ppo_minibatches ({self._ppo_minibatches}) must be >= 1")
         if cfg.batch_size % self._ppo_minibatches:
             raise ValueError(f"batch_size={cfg.batch_size} prompts do not split into ppo_minibatches={self._ppo_minibatches}")
         self.updates_per_step = self._ppo_epochs * self._ppo_minibatches  # the LR schedule counts every update
@@ -125,14 +126,20 @@ class PPORecipeDistributed(DistributedRecipe):
             f"{self.world_size} processes, reference: {'the policy with its adapters off' if self._reference_is_base else 'frozen copy'}",
         )
 
+    def recipe_settings(self) -> dict[str, int]:
+        return {"ppo_epochs": self._ppo_epochs, "ppo_minibatches": self._ppo_minibatches,
+                "samples_per_prompt": self._samples_per_prompt}
+
     # ------------------------------------------------------------------ rollout
-    def _rollout(self, prompts: list[list[int]], *, samples_per_prompt: int, temperature: float, minibatches: int,
+    def _rollout(self, prompts: list[list[int]], *, samples_per_prompt: int, greedy: bool, minibatches: int,
                  rng: Optional[torch.Generator] = None) -> tuple[list[Rollout], Samples]:
-        """Sample responses with the policy, then score them (no gradients) in ``minibatches`` packed batches."""
+        """Sample responses with the policy (or decode greedily), then score them (no gradients) in
+        ``minibatches`` packed batches. Training samples at temperature 1 from the whole distribution: the
+        log-probs that the KL penalty and the PPO ratio read are those of the distribution sampled."""
         samples = sample_responses(
             self._model, prompts, samples_per_prompt=samples_per_prompt, max_new_tokens=self._max_new_tokens,
             pad_id=self._tokenizer.pad_id, stop_tokens=self._stop_tokens, device=self._device, dtype=self._dtype,
-            temperature=temperature, top_k=self._top_k, stop_early=self.world_size == 1, rng=rng,
+            temperature=0.0 if greedy else 1.0, stop_early=self.world_size == 1, rng=rng,
         )
         examples = rollout_examples(prompts, samples, samples_per_prompt)
         per_minibatch = len(examples) // minibatches
@@ -175,11 +182,13 @@ class PPORecipeDistributed(DistributedRecipe):
         logps = response_token_logps(self._model, rollout.batch, rollout.layout, self._chunk_tokens)
         values = response_token_values(self._value_model, rollout.batch, rollout.layout)
         mask = rollout.layout.mask
-        loss, policy_loss, value_loss, ratio, clip_fraction = self._loss_fn(
+        loss, policy_loss, value_loss, _, clip_fraction = self._loss_fn(
             rollout.old_logps, logps, rollout.advantages, rollout.values, values, rollout.returns, mask, mask
         )
         loss.backward()
-        approx_kl = rlhf.masked_mean(0.5 * (logps.detach() - rollout.old_logps) ** 2, mask)
+        log_ratio = logps.detach() - rollout.old_logps
+        ratio = rlhf.masked_mean(log_ratio.exp(), mask)  # PPOLoss's own ratio averages over padding too
+        approx_kl = rlhf.masked_mean(0.5 * log_ratio**2, mask)
         parts = {"loss": loss.item(), "policy_loss": float(policy_loss), "value_loss": float(value_loss),
                  "ratio": float(ratio), "clip_fraction": float(clip_fraction), "approx_kl": float(approx_kl)}
         reduced = all_reduce_sum(parts, self._device)
@@ -193,8 +202,8 @@ class PPORecipeDistributed(DistributedRecipe):
         rng = torch.Generator(device=self._device).manual_seed(self.seed)  # greedy draws nothing from the global RNG
 
         def score(batch: dict[str, torch.Tensor], _: int) -> dict[str, float]:
-            rollouts, samples = self._rollout(prompt_lists(batch), samples_per_prompt=1, temperature=0.0,
-                                              minibatches=1, rng=rng)
+            rollouts, samples = self._rollout(prompt_lists(batch), samples_per_prompt=1, greedy=True, minibatches=1,
+                                              rng=rng)
             return self._rollout_sums(rollouts, samples)
 
         totals = held_out_sums(self._trained, self._eval_dataset, score,
@@ -223,7 +232,7 @@ class PPORecipeDistributed(DistributedRecipe):
             for _, batch in self.micro_batches(epoch):
                 step_start = time.perf_counter()
                 rollouts, samples = self._rollout(prompt_lists(batch), samples_per_prompt=self._samples_per_prompt,
-                                                  temperature=self._temperature, minibatches=self._ppo_minibatches)
+                                                  greedy=False, minibatches=self._ppo_minibatches)
                 generation_seconds = time.perf_counter() - step_start
                 if self._missing_eos_score is not None:  # a response cut at max_generated_tokens gets a fixed score
                     ended = torch.tensor(samples.ended, device=self._device)

@@ -294,6 +294,9 @@ def load_study_config(path: Path, overrides: Sequence[str] = ()) -> DictConfig:
     for method, spec in cfg.methods.items():
         if "config" not in spec:
             raise ValueError(f"{path}: methods.{method} needs a config (a name under configs/)")
+        if cfg.main.annotations not in spec.get("annotations", ["reward_model", "true_reward"]):
+            raise ValueError(f"{path}: methods.{method} cannot run with main.annotations={cfg.main.annotations} "
+                             f"(it takes {list(spec.annotations)})")
     for name, sweep in (cfg.get("sweeps") or {}).items():
         if sweep.get("method") not in cfg.methods:
             raise ValueError(f"{path}: sweeps.{name}.method must be one of the methods {list(cfg.methods)}")

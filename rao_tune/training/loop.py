@@ -89,15 +89,17 @@ def guarded_optimizer_step(
 ) -> Optional[float]:
     """Clip, check, step. A non-finite loss or gradient norm raises before the update reaches the weights, so
     the last saved checkpoint stays the last good one. ``loss`` must already be reduced over ranks so that
-    every rank takes the same decision. Returns the gradient norm (before clipping) when clipping."""
-    grad_norm = None
+    every rank takes the same decision. Each parameter group is clipped on its own (a policy and its value model
+    do not share one norm). Returns the first group's gradient norm (before clipping) when clipping."""
+    norms = []
     if clip_grad_norm is not None:
-        trained = [param for param in model.parameters() if param.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, float(clip_grad_norm))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        grad_norm = float(grad_norm)
-    if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        for group in optimizer.param_groups:
+            norm = torch.nn.utils.clip_grad_norm_(group["params"], float(clip_grad_norm))
+            norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+    grad_norm = norms[0] if norms else None
+    bad_norm = next((norm for norm in norms if not math.isfinite(norm)), None)
+    if not math.isfinite(loss) or bad_norm is not None:
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {bad_norm}"
         raise FloatingPointError(
             f"Stopping: the {what} at {where}; no update was applied. The last good checkpoint is the latest "
             "checkpoints/step_* folder in the output_dir (resume_from_checkpoint=True). Lower the learning rate, "

@@ -92,9 +92,10 @@ def sample_responses(
             temperature=temperature if temperature > 0 else 1.0, top_k=top_k if temperature > 0 else 1,
             stop_tokens=list(stops) if stop_early else None, rng=rng,
         )
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    token_entropies = -(log_probs.exp() * log_probs).sum(-1)  # [B, generated], the model's own distribution
-    del logits, log_probs
+    # The entropy of the model's own distribution at each generated position, one sequence at a time (fp32 copies of
+    # all the logits would be several times their size).
+    token_entropies = torch.stack([torch.special.entr(torch.softmax(row.float(), dim=-1)).sum(-1) for row in logits])
+    del logits
     samples = Samples([], [], [])
     for row in range(len(repeated)):
         new = tokens[row, width:].tolist()

@@ -216,7 +216,12 @@ class DistributedRecipe:
             "gradient_accumulation_steps": self._gradient_accumulation_steps,
         }
         assert set(settings) == set(RUN_SETTINGS)
-        return settings
+        return {**settings, **self.recipe_settings()}
+
+    def recipe_settings(self) -> dict[str, Any]:
+        """A recipe's own settings that a resumed run must keep (e.g. PPO's updates per step, which set the LR
+        schedule's length)."""
+        return {}
 
     # ------------------------------------------------------------------ the loop's pieces
     def epochs(self) -> range:
