@@ -2,6 +2,8 @@
 recipes/ppo_distributed.py raising the reward model's held-out score, bounded KL, exact resume."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -216,3 +218,24 @@ def test_lora_ppo_uses_the_policy_with_adapters_off_as_its_reference(monkeypatch
     assert logged[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start at B = 0: policy = reference
     assert logged[3]["kl"] != 0.0  # and the reference stays the base once the adapters move
     assert (tmp_path / "run" / "epoch_0" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_decode_in_step_and_answer_the_held_out_prompts_like_one(
+        monkeypatch, tmp_path, tiny_assets, reward_model_dir):
+    """Under FSDP each process decodes every step (no early stop, else the collective gathers would hang), and
+    the held-out prompts are answered once each over the processes: the greedy answers' reward before training
+    is the one-process figure."""
+    run(monkeypatch, tiny_assets, reward_model_dir, tmp_path / "one", "max_steps_per_epoch=2", "batch_size=2")
+    command = [sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", "2", "recipes/ppo_distributed.py",
+               "--config", "configs/tiny_ppo.yaml", f"assets_dir={tiny_assets['out_dir']}",
+               f"reward_model_dir={reward_model_dir}", f"output_dir={tmp_path / 'two'}", "max_steps_per_epoch=2",
+               "batch_size=2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, two = read_disk_log(tmp_path / "one" / "logs"), read_disk_log(tmp_path / "two" / "logs")
+    assert two[0]["eval_prompts"] == one[0]["eval_prompts"] == 64
+    for name in ("eval_reward", "eval_response_length", "eval_ended"):
+        assert two[0][name] == pytest.approx(one[0][name], rel=1e-5, abs=1e-6), name
+    assert sorted(step for step in two if step > 0) == [1, 2] and all(math.isfinite(two[s]["loss"]) for s in (1, 2))
+    assert two[1]["kl"] == pytest.approx(0.0, abs=1e-5)
