@@ -5,11 +5,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from transformers import LlamaModel
 
-from rao_tune.data import reward_dataset
+from rao_tune.data import collate_packed_batch, collate_reward_batch, reward_dataset
 from rao_tune.losses import DROLoss, ResponseLogProbs
-from rao_tune.models import init_score_head
+from rao_tune.models import init_score_head, reward_model
 from rao_tune.training.checkpoint import complete_checkpoints
 from rao_tune.training.metrics import read_disk_log
+from rao_tune.training.value import prompt_values
 
 from conftest import REPO_ROOT
 from recipe_runner import StopAfterFirstEpoch, crash_after_first_checkpoint, load_recipe, run_recipe_in_process
@@ -52,6 +53,20 @@ def test_dro_loss_refuses_a_batch_without_values_and_a_bad_tau():
                              response_lengths=torch.ones(2))
     with pytest.raises(ValueError, match="value model"):
         DROLoss()(batch)
+
+
+def test_value_of_each_prompt_is_read_at_its_last_token_from_the_prompts_alone(tiny_assets):
+    """V(x) from either batch layout equals the value model run on the prompt by itself, for every response."""
+    torch.manual_seed(0)
+    value_model = reward_model("torchtune.models.llama3.llama3", **tiny_assets["model_kwargs"]).eval()
+    samples = [{"prompt_tokens": [1, 5, 9, 11], "response_tokens": [[20, 21], [22]], "rewards": [0.0, 1.0]},
+               {"prompt_tokens": [1, 7], "response_tokens": [[30, 31, 32]], "rewards": [0.5]},
+               {"prompt_tokens": [1, 8, 8, 8, 8, 2], "response_tokens": [[40], [41, 42], [43]], "rewards": [0.0] * 3}]
+    with torch.no_grad():
+        alone = [value_model(torch.tensor([s["prompt_tokens"]]))[0, -1, 0] for s in samples]
+        expected = torch.stack([alone[i] for i, s in enumerate(samples) for _ in s["response_tokens"]])
+        for batch in (collate_packed_batch(samples, pad_id=0, max_row_tokens=12), collate_reward_batch(samples, pad_id=0)):
+            torch.testing.assert_close(prompt_values(value_model, batch), expected, atol=1e-5, rtol=1e-5)
 
 
 def run(monkeypatch, tiny_assets, output_dir, *overrides, recipe=None):

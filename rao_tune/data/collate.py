@@ -15,7 +15,9 @@ row predicts the token at ``i + 1`` of the same sequence; the scored pairs are l
 
 and per response (N of them, flattened over the B prompts): ``rewards``, ``prompt_ids`` (which prompt),
 ``response_lengths``, ``last_positions`` (flat index of the response's last token, where a reward model reads
-its score). ``useful_tokens`` counts every prompt once and every response, without padding.
+its score). ``useful_tokens`` counts every prompt once and every response, without padding. The prompts alone,
+for a model that reads only them (DRO's value network): ``prompt_rows [B, P]`` (right-padded; causal attention
+makes the padding invisible) and ``prompt_last_positions [N]`` (flat index of each response's prompt's last token).
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ class _BatchBuilder:
             rewards += sample["rewards"]
             prompt_ids += [prompt_index] * len(sample["response_tokens"])
             response_lengths += [len(response) for response in sample["response_tokens"]]
+        prompts = [sample["prompt_tokens"] for sample in self.samples]
+        prompt_width = max(len(prompt) for prompt in prompts)
+        prompt_rows = torch.full((len(prompts), prompt_width), pad_id, dtype=torch.long)
+        for index, prompt in enumerate(prompts):
+            prompt_rows[index, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        prompt_last = [index * prompt_width + len(prompt) - 1 for index, prompt in enumerate(prompts)]
         batch = {
             "tokens": padded("tokens", pad_id),
             "logit_positions": rows * width + columns,
@@ -90,6 +98,8 @@ class _BatchBuilder:
             "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),
             "response_lengths": torch.tensor(response_lengths, dtype=torch.long),
             "useful_tokens": torch.tensor(useful_tokens(self.samples)),
+            "prompt_rows": prompt_rows,
+            "prompt_last_positions": torch.tensor(prompt_last, dtype=torch.long)[torch.tensor(prompt_ids, dtype=torch.long)],
         }
         if packed:
             # Padding gets its own group (-1), so it attends only to padding and never to real tokens.

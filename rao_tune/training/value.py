@@ -61,18 +61,7 @@ def head_outputs(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) 
     return last_token_scores(model(batch["tokens"], **model_inputs(batch)), positions)
 
 
-def prompt_end_positions(batch: dict[str, Tensor]) -> Tensor:
-    """``[N]`` flat position of the last prompt token before each response: the position that predicts the
-    response's first token (the first scored token of its segment, in either layout)."""
-    num_responses = batch["prompt_ids"].numel()
-    segments = batch["target_segments"]
-    order = torch.arange(segments.numel(), device=segments.device)
-    is_response = segments < num_responses
-    first = torch.full((num_responses,), segments.numel(), dtype=torch.long, device=segments.device)
-    first = first.scatter_reduce(0, segments[is_response], order[is_response], reduce="amin")
-    return batch["logit_positions"][first]
-
-
 def prompt_values(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """V(x) of each response's prompt, ``[N]``: the value head at the prompt's last token."""
-    return head_outputs(model, batch, prompt_end_positions(batch))
+    """V(x) of each response's prompt, ``[N]``: the value head at the prompt's last token, from one forward pass
+    over the batch's prompts alone (``prompt_rows``): a prompt is read once, and no response token is."""
+    return head_outputs(model, {"tokens": batch["prompt_rows"]}, batch["prompt_last_positions"])
