@@ -53,9 +53,8 @@ from rao_tune.training.ppo import (
     rollout_examples,
     sample_responses,
 )
-from rao_tune.training.preflight import instantiate_checked
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
-from rao_tune.training.value import PolicyAndValue, build_value_model, head_outputs
+from rao_tune.training.value import PolicyAndValue, build_scalar_head_model, head_outputs
 
 log = utils.get_logger("INFO")
 
@@ -72,12 +71,7 @@ class PPORecipeDistributed(DistributedRecipe):
     def setup(self, cfg: DictConfig) -> None:
         # Loss, data, tokenizer and checkpoints are checked before any weight loads.
         self.setup_loss_and_data(cfg)
-        self._eval_dataset = None
-        if cfg.get("eval_dataset") is not None:
-            self._eval_dataset = instantiate_checked(cfg.eval_dataset, self._tokenizer, what="eval_dataset")
-        self._eval_every_n_steps = cfg.get("eval_every_n_steps", None)
-        self._eval_batch_size = cfg.get("eval_batch_size", None) or cfg.batch_size
-        self._evaluated_at: Optional[int] = None
+        self.setup_held_out(cfg)
         self._eval_before_training = cfg.get("eval_before_training", True)
         if cfg.gradient_accumulation_steps != 1:
             raise ValueError("ppo_distributed: gradient_accumulation_steps must be 1; a rollout batch is split into "
@@ -112,9 +106,9 @@ class PPORecipeDistributed(DistributedRecipe):
         self._reference_is_base = self.reference_is_policy_base(cfg, self._model)
         self._ref_model = self._model if self._reference_is_base else self.build_reference(cfg, checkpoint)
         del checkpoint[training.MODEL_KEY]
-        self._reward_model = build_value_model(cfg.get("reward_model"), cfg.get("reward_checkpointer"), what="reward",
+        self._reward_model = build_scalar_head_model(cfg.get("reward_model"), cfg.get("reward_checkpointer"), what="reward",
                                                activation_checkpointing=False, trainable=False, **options)
-        self._value_model = build_value_model(cfg.get("value_model"), cfg.get("value_checkpointer"), what="value",
+        self._value_model = build_scalar_head_model(cfg.get("value_model"), cfg.get("value_checkpointer"), what="value",
                                               activation_checkpointing=cfg.enable_activation_checkpointing, **options)
         self._trained = PolicyAndValue(self._model, self._value_model)
         self.setup_data_and_optimizer(cfg, self._trained, partial(collate_prompts, pad_id=self._tokenizer.pad_id),
@@ -215,17 +209,11 @@ class PPORecipeDistributed(DistributedRecipe):
                                  f"eval_kl={metrics['eval_kl']:.4g}")
         if self._is_rank_zero:
             self._metric_logger.log_dict(metrics, step=self.global_step)
-        self._evaluated_at = self.global_step
-
-    def _evaluate_if_due(self) -> None:
-        every = self._eval_every_n_steps
-        if self._eval_dataset is not None and every and self.global_step % every == 0:
-            self.evaluate()
 
     # ------------------------------------------------------------------ train loop
     def train(self) -> None:
-        if self._eval_dataset is not None and self.global_step == 0 and self._eval_before_training:
-            self.evaluate()  # the SFT policy's held-out reward: the baseline PPO should raise
+        if self.global_step == 0 and self._eval_before_training:
+            self.evaluate_if_due(now=True)  # the SFT policy's held-out reward: the baseline PPO should raise
         self._optimizer.zero_grad()
         for epoch in self.epochs():
             progress = self.progress_bar(epoch)
@@ -254,10 +242,9 @@ class PPORecipeDistributed(DistributedRecipe):
                            "generation_time": totals["generation_seconds"] / self.world_size}
                 self.finish_step(self._trained, loss=metrics["loss"], metrics=metrics, tokens=totals["tokens"],
                                  epoch=epoch, progress=progress, started=step_start, updated=True, grad_norm=grad_norm)
-                self._evaluate_if_due()
+                self.evaluate_if_due()
             progress.close()
-            if self._eval_dataset is not None and self._evaluated_at != self.global_step:
-                self.evaluate()
+            self.evaluate_if_due(now=True)
             self.end_epoch(self._trained, epoch, export=self._model)
 
 

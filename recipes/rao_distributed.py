@@ -27,7 +27,7 @@ from rao_tune.training.loop import free_memory, held_out_sums
 from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, refuse_output_adapter, sequence_logps
 from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, preference_statistics
 from rao_tune.training.model import setup_fsdp_model
-from rao_tune.training.preflight import check_checkpoint_matches_model, instantiate_checked
+from rao_tune.training.preflight import check_checkpoint_matches_model
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
 from rao_tune.training.reference import (
     ReferenceLogProbs,
@@ -36,7 +36,7 @@ from rao_tune.training.reference import (
     load_or_compute_reference_logps,
     reference_fingerprint,
 )
-from rao_tune.training.value import PolicyAndValue, build_value_model, prompt_values
+from rao_tune.training.value import PolicyAndValue, build_scalar_head_model, prompt_values
 
 log = utils.get_logger("INFO")
 
@@ -52,12 +52,7 @@ class RAORecipeDistributed(DistributedRecipe):
     def setup(self, cfg: DictConfig) -> None:
         # Everything that can be wrong with the loss, data, tokenizer or checkpoint is found before weights load.
         self.setup_loss_and_data(cfg)
-        self._eval_dataset = None  # held-out rows, scored every eval_every_n_steps and at each epoch end
-        if cfg.get("eval_dataset") is not None:
-            self._eval_dataset = instantiate_checked(cfg.eval_dataset, self._tokenizer, what="eval_dataset")
-        self._eval_every_n_steps = cfg.get("eval_every_n_steps", None)
-        self._eval_batch_size = cfg.get("eval_batch_size", None) or cfg.batch_size
-        self._evaluated_at: Optional[int] = None  # the step of the last held-out evaluation
+        self.setup_held_out(cfg)  # scored every eval_every_n_steps and at each epoch end
         self._loss_fn.check_data(self._dataset.rewards_per_prompt())
         for name, value in self._loss_fn.calibrate(self._dataset.all_rewards()).items():
             utils.log_rank_zero(log, f"loss calibrated on the training rewards: {name} = {value:.6g}")
@@ -108,7 +103,7 @@ class RAORecipeDistributed(DistributedRecipe):
         # value model at value_lr), one gradient clip, one step checkpoint; only the policy is exported.
         self._value_model, self._trained, param_groups = None, self._model, None
         if self._loss_fn.needs_value_model:
-            self._value_model = build_value_model(
+            self._value_model = build_scalar_head_model(
                 cfg.get("value_model"), cfg.get("value_checkpointer"), what="value",
                 activation_checkpointing=cfg.enable_activation_checkpointing, **self._model_options)
             self._trained = PolicyAndValue(self._model, self._value_model)
@@ -213,7 +208,6 @@ class RAORecipeDistributed(DistributedRecipe):
             if name in metrics))
         if self._is_rank_zero:
             self._metric_logger.log_dict(metrics, step=self.global_step)
-        self._evaluated_at = self.global_step
 
     # ------------------------------------------------------------------ train loop
     def train(self) -> None:
@@ -238,13 +232,10 @@ class RAORecipeDistributed(DistributedRecipe):
                 metrics = {"loss": loss, **finalize_preference_metrics(totals)}
                 self.finish_step(self._trained, loss=loss, metrics=metrics, tokens=totals["tokens"], epoch=epoch,
                                  progress=progress, started=step_start)
-                if self._eval_dataset is not None and self._eval_every_n_steps \
-                        and self.global_step % self._eval_every_n_steps == 0:
-                    self.evaluate()
+                self.evaluate_if_due()
                 step_sums, step_start = {}, time.perf_counter()
             progress.close()
-            if self._eval_dataset is not None and self._evaluated_at != self.global_step:
-                self.evaluate()
+            self.evaluate_if_due(now=True)
             self.end_epoch(self._trained, epoch, export=self._model)
 
 

@@ -87,7 +87,8 @@ class _BatchBuilder:
         prompt_rows = torch.full((len(prompts), prompt_width), pad_id, dtype=torch.long)
         for index, prompt in enumerate(prompts):
             prompt_rows[index, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        prompt_last = [index * prompt_width + len(prompt) - 1 for index, prompt in enumerate(prompts)]
+        prompt_last = torch.tensor([index * prompt_width + len(prompt) - 1 for index, prompt in enumerate(prompts)])
+        prompt_ids = torch.tensor(prompt_ids, dtype=torch.long)
         batch = {
             "tokens": padded("tokens", pad_id),
             "logit_positions": rows * width + columns,
@@ -95,11 +96,11 @@ class _BatchBuilder:
             "target_segments": segments,
             "last_positions": last_rows * width + last_columns,
             "rewards": torch.tensor(rewards, dtype=torch.float32),
-            "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),
+            "prompt_ids": prompt_ids,
             "response_lengths": torch.tensor(response_lengths, dtype=torch.long),
             "useful_tokens": torch.tensor(useful_tokens(self.samples)),
             "prompt_rows": prompt_rows,
-            "prompt_last_positions": torch.tensor(prompt_last, dtype=torch.long)[torch.tensor(prompt_ids, dtype=torch.long)],
+            "prompt_last_positions": prompt_last[prompt_ids],
         }
         if packed:
             # Padding gets its own group (-1), so it attends only to padding and never to real tokens.

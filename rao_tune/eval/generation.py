@@ -34,6 +34,16 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
 
 
+def left_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """``[len(sequences), longest]`` token ids, each sequence right-aligned after ``pad_id`` padding: a batch of
+    prompts whose continuations all start at the same column."""
+    longest = max(len(sequence) for sequence in sequences)
+    batch = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        batch[row, longest - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
+    return batch
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: nn.Module,
@@ -60,10 +70,8 @@ def generate_tokens(
     stops = set(stop_tokens)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        longest = max(len(prompts[i]) for i in indices)
-        batch = torch.full((len(indices), longest), pad_id, dtype=torch.long)
-        for row, i in enumerate(indices):
-            batch[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i], dtype=torch.long)
+        batch = left_padded([prompts[i] for i in indices], pad_id)
+        longest = batch.shape[1]
         with local_kv_cache(model, batch_size=len(indices), device=device, dtype=dtype,
                             decoder_max_seq_len=longest + max_new_tokens):
             tokens, _ = generate(

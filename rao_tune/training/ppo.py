@@ -27,6 +27,7 @@ from torchtune import rlhf
 from torchtune.generation import generate
 from torchtune.modules.common_utils import local_kv_cache
 
+from rao_tune.eval.generation import left_padded
 from rao_tune.training.logprobs import token_logps
 from rao_tune.training.value import head_outputs
 
@@ -34,11 +35,9 @@ from rao_tune.training.value import head_outputs
 def collate_prompts(samples: Sequence[dict], pad_id: int) -> dict[str, Tensor]:
     """Prompts of reward-dataset examples (their responses and rewards are not used): ``prompt_tokens [B, P]``
     left-padded with ``pad_id`` and ``prompt_lengths [B]``."""
-    lengths = [len(sample["prompt_tokens"]) for sample in samples]
-    tokens = torch.full((len(samples), max(lengths)), pad_id, dtype=torch.long)
-    for row, sample in enumerate(samples):
-        tokens[row, tokens.shape[1] - lengths[row]:] = torch.tensor(sample["prompt_tokens"], dtype=torch.long)
-    return {"prompt_tokens": tokens, "prompt_lengths": torch.tensor(lengths, dtype=torch.long)}
+    prompts = [sample["prompt_tokens"] for sample in samples]
+    return {"prompt_tokens": left_padded(prompts, pad_id),
+            "prompt_lengths": torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)}
 
 
 def prompt_lists(batch: dict[str, Tensor]) -> list[list[int]]:
@@ -70,26 +69,23 @@ def sample_responses(
     device: torch.device,
     dtype: torch.dtype,
     temperature: float = 1.0,
-    top_k: Optional[int] = None,
     stop_early: bool = True,
     rng: Optional[torch.Generator] = None,
 ) -> Samples:
     """Sample ``samples_per_prompt`` responses to each prompt with torchtune's ``generate`` and a KV cache, all
-    sequences in one batch (prompts left-padded). ``temperature == 0`` decodes greedily. ``rng=None`` samples from
+    sequences in one batch (prompts left-padded), from the whole distribution at ``temperature`` (0: greedy). ``rng=None`` samples from
     the global generator, which step checkpoints save and restore. ``stop_early=False`` always runs
     ``max_new_tokens`` decoding steps: under FSDP every process must run the same number of forward passes
     (their all-gathers are collective), so only one process may stop when its own sequences are done."""
-    repeated = [list(prompt) for prompt in prompts for _ in range(samples_per_prompt)]
-    width = max(len(prompt) for prompt in repeated)
-    batch = torch.full((len(repeated), width), pad_id, dtype=torch.long)
-    for row, prompt in enumerate(repeated):
-        batch[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+    repeated = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    batch = left_padded(repeated, pad_id)
+    width = batch.shape[1]
     stops = set(stop_tokens)
     with local_kv_cache(model, batch_size=len(repeated), device=device, dtype=dtype,
                         decoder_max_seq_len=width + max_new_tokens):
         tokens, logits = generate(
             model, batch.to(device), max_generated_tokens=max_new_tokens, pad_id=pad_id,
-            temperature=temperature if temperature > 0 else 1.0, top_k=top_k if temperature > 0 else 1,
+            temperature=temperature if temperature > 0 else 1.0, top_k=None if temperature > 0 else 1,
             stop_tokens=list(stops) if stop_early else None, rng=rng,
         )
     # The entropy of the model's own distribution at each generated position, one sequence at a time (fp32 copies of
@@ -158,7 +154,7 @@ def response_token_values(model: nn.Module, batch: dict[str, Tensor], layout: Re
 
 @dataclass
 class Rollout:
-    """One minibatch of a rollout, with what PPO's loss reads (all ``[N, L]`` but ``scores`` and ``kl``)."""
+    """One minibatch of a rollout, with what PPO's loss reads (all ``[N, L]`` but ``scores``)."""
 
     batch: dict[str, Tensor]
     layout: ResponseLayout

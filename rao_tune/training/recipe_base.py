@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from contextlib import nullcontext
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Optional
 
 import torch
@@ -104,6 +104,16 @@ class DistributedRecipe:
         self._loss_fn = instantiate_checked(cfg.loss, what="loss")
         self._tokenizer = instantiate_checked(cfg.tokenizer, what="tokenizer")
         self._dataset = instantiate_checked(cfg.dataset, self._tokenizer, what="dataset")
+
+    def setup_held_out(self, cfg: DictConfig) -> None:
+        """Held-out rows (``eval_dataset``, tokenized like the training data, or None) for the recipe's
+        ``evaluate``, ``eval_batch_size`` (null: ``batch_size``) per process at a time; see :meth:`evaluate_if_due`."""
+        self._eval_dataset = None
+        if cfg.get("eval_dataset") is not None:
+            self._eval_dataset = instantiate_checked(cfg.eval_dataset, self._tokenizer, what="eval_dataset")
+        self._eval_every_n_steps = cfg.get("eval_every_n_steps", None)
+        self._eval_batch_size = cfg.get("eval_batch_size", None) or cfg.batch_size
+        self._evaluated_at: Optional[int] = None  # the step of the last held-out evaluation
 
     def meta_model(self, cfg: DictConfig) -> nn.Module:
         """The configured model on the meta device: its shapes, for checks, without a byte of weights."""
@@ -292,6 +302,16 @@ class DistributedRecipe:
         every = self._save_every_n_steps
         if every and self.global_step % every == 0 and self.progress.step_in_epoch < self._steps_per_epoch:
             self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.run_settings())
+
+    def evaluate_if_due(self, *, now: bool = False) -> None:
+        """The recipe's ``evaluate`` on the held-out rows, if there are any: ``now`` (an epoch's end, before
+        training) or every ``eval_every_n_steps`` steps, never twice at one step. Collective."""
+        every = self._eval_every_n_steps
+        due = now or bool(every and self.global_step % every == 0)
+        if self._eval_dataset is None or not due or self._evaluated_at == self.global_step:
+            return
+        self.evaluate()
+        self._evaluated_at = self.global_step
 
     def end_epoch(self, model: nn.Module, epoch: int, export: Optional[nn.Module] = None) -> None:
         """The HF export ``output_dir/epoch_{epoch}`` of ``export`` (default: ``model``, e.g. the policy of a

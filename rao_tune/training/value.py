@@ -41,7 +41,7 @@ class PolicyAndValue(nn.Module):
         return [{"params": [p for p in self.policy.parameters() if p.requires_grad]}, value_group]
 
 
-def build_value_model(
+def build_scalar_head_model(
     cfg_model: DictConfig, cfg_checkpointer: DictConfig, *, what: str, activation_checkpointing: bool,
     trainable: bool = True, **model_options: Any,
 ) -> nn.Module:
