@@ -6,7 +6,12 @@ finished shard is written atomically to ``<output>.parts/shard_NNNNNN.jsonl``. A
 exist, so a crash costs at most the shards in flight and never duplicates or loses rows. When all shards are
 done, rank 0 joins them in shard order into the output file, so the output order is the input order
 whatever the number of processes. Inside a shard, responses are scored in batches of ``batch_size`` sorted
-by length (less padding), again fixed by the data alone, so rewards are bit-identical for any process count.
+by length (less padding), again fixed by the data alone: every process runs exactly the forward passes (same
+rows, same packing, same shapes) that one process would. The rewards are therefore bit-identical for any process
+count *at the same intra-op thread count per process*. On CPU the thread count is part of the computation: a
+matrix product split over 2 threads sums in another order than over 1 and moves a reward's 7th-8th significant
+digit, and ``torchrun`` gives each of N > 1 processes one thread (``OMP_NUM_THREADS=1``) while a lone process uses
+every core. Set ``OMP_NUM_THREADS`` alike (e.g. 1) to compare files written with different process counts.
 
 ``<output>.parts/manifest.json`` records the input, the shard and batch sizes and the scorer: a re-run with
 other settings refuses to mix its shards with the old ones.

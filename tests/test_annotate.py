@@ -1,6 +1,7 @@
 """recipes/annotate_rewards.py and rao_tune.annotate: same file for any process count, exact resume after a
 crash, rule-based scorers, bad rows, and the output trains RAO as it is."""
 
+import contextlib
 import json
 import math
 import subprocess
@@ -28,6 +29,19 @@ SETTINGS = ["rows_per_shard=10", "batch_size=5", "dataset.on_bad_row=drop"]
 BAD_ROWS = [{"prompt": "count to 2", "responses": ["1 2", "  "]}, {"prompt": "", "responses": ["1"]}]
 
 
+@contextlib.contextmanager
+def threads_per_process_of_torchrun():
+    """One intra-op thread, as torchrun gives each of N > 1 processes (OMP_NUM_THREADS=1). On CPU the thread count
+    is part of the computation (a matrix product split over 2 threads sums in another order: the 7th-8th digit of
+    a reward moves), so a one-process run is the 2-process run's computation only at the same thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def chat(prompt, answer):
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
@@ -50,7 +64,7 @@ def unscored(tiny_assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def annotated_by_one_process(tiny_assets, unscored, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("one_process")
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch, threads_per_process_of_torchrun():
         run_recipe_in_process(monkeypatch, load_recipe("annotate_rewards"), CONFIG, f"assets_dir={tiny_assets['out_dir']}",
                               f"output_dir={output_dir}", f"dataset.data_files={unscored}", *SETTINGS)
     return output_dir / "annotated.jsonl"
@@ -87,6 +101,8 @@ def test_two_processes_write_exactly_the_file_of_one(tiny_assets, unscored, anno
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 processes" in result.stdout + result.stderr
     assert "'dropped': {'empty_response': 1, 'empty_prompt': 1}" in result.stdout + result.stderr
+    # Exact by construction: each process runs the very forward passes of the one-process run (shards and the
+    # batches inside them depend on the data alone), with one thread each, as the one-process run had.
     assert (output_dir / "annotated.jsonl").read_bytes() == one.read_bytes()
 
 
@@ -109,7 +125,7 @@ def test_crashed_run_resumes_to_the_same_file_without_rescoring(monkeypatch, tmp
         return real_score(prompts, responses)
 
     monkeypatch.setattr(tiny_scorer, "score", score_or_crash)
-    with pytest.raises(Crash):
+    with pytest.raises(Crash), threads_per_process_of_torchrun():
         annotate(rows, tiny_scorer, str(output), rows_per_shard=10, batch_size=5)
     parts = tmp_path / "annotated.jsonl.parts"
     finished = sorted(p.name for p in parts.glob("shard_*.jsonl"))
@@ -122,7 +138,8 @@ def test_crashed_run_resumes_to_the_same_file_without_rescoring(monkeypatch, tmp
 
     scored.clear()
     crash_at_batch[0] = None
-    summary = annotate(rows, tiny_scorer, str(output), rows_per_shard=10, batch_size=5)
+    with threads_per_process_of_torchrun():  # the fixture's thread count: the same forward passes, exactly
+        summary = annotate(rows, tiny_scorer, str(output), rows_per_shard=10, batch_size=5)
     assert summary["shards_done_before"] == len(finished)
     assert summary["dropped"] == {"empty_response": 1, "empty_prompt": 1}
     total_responses = sum(len(r["responses"]) for r in read_jsonl(annotated_by_one_process))
