@@ -1,7 +1,10 @@
 """Run a recipe file's ``recipe_main`` inside the test process, as ``tune run --nproc_per_node 1`` would."""
 
+import contextlib
 import json
 import shutil
+
+import torch
 
 from omegaconf import OmegaConf
 
@@ -11,6 +14,8 @@ from rao_tune.training.distributed import one_process_env
 
 __all__ = [
     "StopAfterFirstEpoch",
+    "TORCHRUN_THREADS",
+    "threads_of_torchrun_per_process",
     "crash_after_first_checkpoint",
     "record_model_builds",
     "load_recipe",
@@ -24,6 +29,24 @@ def run_recipe_in_process(monkeypatch, recipe, config_path, *overrides):
     for key, value in one_process_env().items():
         monkeypatch.setenv(key, value)
     call_recipe_main(recipe, config_path, *overrides)
+
+
+# torchrun gives each of N > 1 processes one intra-op thread (it sets OMP_NUM_THREADS=1 unless set), while an
+# in-process run or a one-process launch uses every core. On CPU the thread count is part of the computation: a
+# matrix product split over 2 threads sums in another order than over 1, which moves the 7th-8th significant digit.
+# Runs compared bit for bit across process counts must therefore run at one thread each.
+TORCHRUN_THREADS = {"OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def threads_of_torchrun_per_process():
+    """Run the body (an in-process recipe run) at the one intra-op thread torchrun gives each of N > 1 processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(TORCHRUN_THREADS["OMP_NUM_THREADS"]))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def record_model_builds(monkeypatch, recipe):

@@ -1,7 +1,6 @@
 """recipes/annotate_rewards.py and rao_tune.annotate: same file for any process count, exact resume after a
 crash, rule-based scorers, bad rows, and the output trains RAO as it is."""
 
-import contextlib
 import json
 import math
 import subprocess
@@ -20,26 +19,13 @@ from rao_tune.rewards import KeywordReward, python_reward, word_count
 from rao_tune.training.metrics import read_disk_log
 
 from conftest import REPO_ROOT
-from recipe_runner import load_recipe, run_recipe_in_process
+from recipe_runner import load_recipe, run_recipe_in_process, threads_of_torchrun_per_process
 
 CONFIG = REPO_ROOT / "configs" / "tiny_annotate.yaml"
 # Uneven on purpose: 66 rows in 7 shards (4 for rank 0, 3 for rank 1), several batches per shard.
 SETTINGS = ["rows_per_shard=10", "batch_size=5", "dataset.on_bad_row=drop"]
 # Bad values of the right type: a mixed-type column would turn into datasets' Json feature for every row.
 BAD_ROWS = [{"prompt": "count to 2", "responses": ["1 2", "  "]}, {"prompt": "", "responses": ["1"]}]
-
-
-@contextlib.contextmanager
-def threads_per_process_of_torchrun():
-    """One intra-op thread, as torchrun gives each of N > 1 processes (OMP_NUM_THREADS=1). On CPU the thread count
-    is part of the computation (a matrix product split over 2 threads sums in another order: the 7th-8th digit of
-    a reward moves), so a one-process run is the 2-process run's computation only at the same thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def chat(prompt, answer):
@@ -64,7 +50,7 @@ def unscored(tiny_assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def annotated_by_one_process(tiny_assets, unscored, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("one_process")
-    with pytest.MonkeyPatch.context() as monkeypatch, threads_per_process_of_torchrun():
+    with pytest.MonkeyPatch.context() as monkeypatch, threads_of_torchrun_per_process():
         run_recipe_in_process(monkeypatch, load_recipe("annotate_rewards"), CONFIG, f"assets_dir={tiny_assets['out_dir']}",
                               f"output_dir={output_dir}", f"dataset.data_files={unscored}", *SETTINGS)
     return output_dir / "annotated.jsonl"
@@ -125,7 +111,7 @@ def test_crashed_run_resumes_to_the_same_file_without_rescoring(monkeypatch, tmp
         return real_score(prompts, responses)
 
     monkeypatch.setattr(tiny_scorer, "score", score_or_crash)
-    with pytest.raises(Crash), threads_per_process_of_torchrun():
+    with pytest.raises(Crash), threads_of_torchrun_per_process():
         annotate(rows, tiny_scorer, str(output), rows_per_shard=10, batch_size=5)
     parts = tmp_path / "annotated.jsonl.parts"
     finished = sorted(p.name for p in parts.glob("shard_*.jsonl"))
@@ -138,7 +124,7 @@ def test_crashed_run_resumes_to_the_same_file_without_rescoring(monkeypatch, tmp
 
     scored.clear()
     crash_at_batch[0] = None
-    with threads_per_process_of_torchrun():  # the fixture's thread count: the same forward passes, exactly
+    with threads_of_torchrun_per_process():  # the fixture's thread count: the same forward passes, exactly
         summary = annotate(rows, tiny_scorer, str(output), rows_per_shard=10, batch_size=5)
     assert summary["shards_done_before"] == len(finished)
     assert summary["dropped"] == {"empty_response": 1, "empty_prompt": 1}

@@ -2,6 +2,7 @@
 rendezvous (as scripts/slurm_multinode.sh starts them on two machines) train exactly like one node with two
 processes."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 from rao_tune.training.metrics import read_disk_log
 
 from conftest import REPO_ROOT
+from recipe_runner import TORCHRUN_THREADS
 from test_rao_recipe import load_tune_model
 
 pytestmark = pytest.mark.slow
@@ -39,8 +41,11 @@ def test_two_nodes_of_one_process_match_one_node_of_two(tmp_path, tiny_assets):
 
     rendezvous = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
                   "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "test_two_nodes"]
+    # A one-process launch keeps every core; the one-node run's two processes got one thread each from torchrun.
+    # Same threads, same rows per rank, same gloo sums of two terms: the same computation, hence the tight bounds.
     nodes = [subprocess.Popen(tune_run(rendezvous, tiny_assets, tmp_path / "two_nodes"), cwd=REPO_ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+                              env={**os.environ, **TORCHRUN_THREADS}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-4000:]
