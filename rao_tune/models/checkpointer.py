@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # model_type -> (HF sequence-classification class, hf->tune, tune->hf) for the decoder body.
 _FAMILIES = {
     "LLAMA3": ("LlamaForSequenceClassification", convert_weights.hf_to_tune, convert_weights.tune_to_hf),
+    "LLAMA3_2": ("LlamaForSequenceClassification", convert_weights.hf_to_tune, convert_weights.tune_to_hf),
     "QWEN2": ("Qwen2ForSequenceClassification", qwen2_hf_to_tune, qwen2_tune_to_hf),
 }
 _HEAD = "output.weight"  # torchtune's name for the score head
@@ -64,7 +65,8 @@ class RewardModelHFCheckpointer:
             ``max_filename`` dict); None reads them from the index or the folder. When resuming
             (``should_load_recipe_state``), they are relative to ``output_dir``, as in torchtune.
         output_dir: where ``epoch_N/`` folders and ``recipe_state/recipe_state.pt`` go.
-        model_type: ``LLAMA3`` (also EuroLLM and other plain Llama blocks) or ``QWEN2`` (with q/k/v biases).
+        model_type: ``LLAMA3`` or ``LLAMA3_2`` (also EuroLLM, SmolLM2 and other plain Llama blocks) or ``QWEN2``
+            (with q/k/v biases).
         seed: seed of a new score head.
         pad_token_id: written to the saved ``config.json``; transformers finds each sequence's last token by it
             (without one, transformers scores only unpadded, one-sequence batches).
