@@ -23,8 +23,10 @@ from conftest import REPO_ROOT
 from recipe_runner import load_recipe, run_recipe_in_process
 
 pytestmark = pytest.mark.slow
-# The generation configs run in tests/test_generate_answers.py (on the tiny checkpoint, with judge-format checks).
-CONFIGS = sorted(path.stem for path in (REPO_ROOT / "configs").glob("*.yaml") if not path.stem.endswith("_generate"))
+# The generation configs run in tests/test_generate_answers.py (on the tiny checkpoint, with judge-format checks),
+# the SmolLM2 ones in tests/test_smollm2_recipes.py (on the real model).
+CONFIGS = sorted(path.stem for path in (REPO_ROOT / "configs").glob("*.yaml")
+                 if not path.stem.endswith("_generate") and not path.stem.startswith("smollm2"))
 FAMILIES = {"llama3_8b": "llama3", "qwen2_5_7b": "qwen2_5", "eurollm_9b": "eurollm"}
 RECIPES = {"sft": "sft_distributed", "reward_model": "reward_model_distributed", "annotate": "annotate_rewards",
            "true_reward": "annotate_rewards", "eval": "evaluate", "sample": "sample_responses", "ppo": "ppo_distributed"}
