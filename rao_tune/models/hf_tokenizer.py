@@ -43,6 +43,7 @@ def _compile(template: str):
     """The template in the sandbox ``transformers`` renders chat templates in (trim_blocks, lstrip_blocks, loop
     controls; ``tojson`` without HTML escaping, ``raise_exception``, ``strftime_now``)."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
