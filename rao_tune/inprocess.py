@@ -42,8 +42,9 @@ def call_recipe_main(recipe: ModuleType, config_path: Path, *overrides: str) -> 
         sys.argv, sys.excepthook = argv, excepthook
 
 
-def run_recipe(name: str, config_name: str, *overrides: str) -> None:
-    """``tune run --nproc_per_node 1 recipes/<name>.py --config configs/<config_name>.yaml <overrides>``, in this
-    process."""
+def run_recipe(name: str, config: str | Path, *overrides: str) -> None:
+    """``tune run --nproc_per_node 1 recipes/<name>.py --config configs/<config>.yaml <overrides>``, in this
+    process; ``config`` is a shipped config's name or the path of a YAML file."""
     os.environ.update(one_process_env())
-    call_recipe_main(load_recipe(name), REPO_ROOT / "configs" / f"{config_name}.yaml", *overrides)
+    path = config if isinstance(config, Path) else REPO_ROOT / "configs" / f"{config}.yaml"
+    call_recipe_main(load_recipe(name), path, *overrides)
