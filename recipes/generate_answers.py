@@ -22,17 +22,13 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 from torchtune import config, utils
 
+from rao_tune.eval.generation import GenerationStats, SamplingSettings, TorchtuneBackend, VLLMBackend, resolve_backend
 from rao_tune.eval.judges import (
-    GenerationStats,
-    SamplingSettings,
-    TorchtuneBackend,
-    VLLMBackend,
     answer_alpaca_eval,
     answer_mt_bench,
     default_generator_name,
     read_alpaca_eval_prompts,
     read_mt_bench_questions,
-    resolve_backend,
     write_alpaca_eval_outputs,
     write_mt_bench_answers,
 )

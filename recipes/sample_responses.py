@@ -4,7 +4,8 @@
 
 Reads prompts (``{"prompt": str or chat messages}`` per JSON line), renders each in the model's chat format as
 our training prompts are (messages + an open assistant header), samples ``num_samples`` continuations with
-torchtune's KV-cache generation (seeded: the same file for the same seed), and writes rows
+torchtune's KV-cache generation (seeded: the same file for the same seed; a progress bar over the samples, the
+generated tokens/s logged at the end), and writes rows
 ``{"prompt", "responses"}`` that ``recipes/annotate_rewards.py`` scores.
 """
 
@@ -12,16 +13,17 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 from torchtune import config, utils
 from torchtune.data import Message
+from tqdm.auto import tqdm
 
 from rao_tune.data.reward_dataset import tokenize_prompt
+from rao_tune.eval.generation import decode_text, generate_tokens, load_for_inference, stop_token_ids
 from rao_tune.files import write_atomically
-from rao_tune.eval.generation import generate_tokens, load_for_inference, stop_token_ids
-from rao_tune.eval.judges import decode_text
 
 log = utils.get_logger("INFO")
 
@@ -41,11 +43,18 @@ def recipe_main(cfg: DictConfig) -> None:
     prompts = [json.loads(line)["prompt"] for line in Path(cfg.prompts).read_text().splitlines() if line.strip()]
     rendered = [tokenize_prompt(tokenizer, prompt_messages(prompt)) for prompt in prompts]
     k = cfg.num_samples
-    new_tokens = generate_tokens(
-        model, [tokens for tokens in rendered for _ in range(k)], max_new_tokens=cfg.max_new_tokens,
-        pad_id=tokenizer.pad_id, stop_tokens=stop_token_ids(tokenizer), device=device, dtype=dtype,
-        temperature=cfg.temperature, top_k=cfg.get("top_k"), batch_size=cfg.batch_size, seed=cfg.seed,
-    )
+    started = time.perf_counter()
+    with tqdm(total=len(rendered) * k, desc=f"sampling (temperature {cfg.temperature})", unit="sample") as bar:
+        new_tokens = generate_tokens(
+            model, [tokens for tokens in rendered for _ in range(k)], max_new_tokens=cfg.max_new_tokens,
+            pad_id=tokenizer.pad_id, stop_tokens=stop_token_ids(tokenizer), device=device, dtype=dtype,
+            temperature=cfg.temperature, top_k=cfg.get("top_k"), batch_size=cfg.batch_size, seed=cfg.seed,
+            progress=bar.update,
+        )
+    seconds = time.perf_counter() - started
+    generated = sum(len(tokens) for tokens in new_tokens)
+    log.info(f"generated {generated} tokens in {seconds:.1f} s ({generated / seconds:.1f} tokens/s, "
+             f"batch {cfg.batch_size}, temperature {cfg.temperature})")
     rows = []
     for index, prompt in enumerate(prompts):
         responses = [decode_text(tokenizer, tokens) for tokens in new_tokens[index * k : (index + 1) * k]]

@@ -14,23 +14,27 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torchtune.data import Message
 
-from rao_tune.eval.generation import generate_tokens, load_for_inference, stop_token_ids
-from rao_tune.eval.judges import (
-    TINY_ALPACA_EVAL,
-    TINY_MT_BENCH,
+from rao_tune.eval.generation import (
     GenerationBackend,
-    PromptFileError,
     SamplingSettings,
     TorchtuneBackend,
     VLLMBackend,
+    generate_tokens,
+    load_for_inference,
+    resolve_backend,
+    stop_token_ids,
+    vllm_available,
+)
+from rao_tune.eval.judges import (
+    TINY_ALPACA_EVAL,
+    TINY_MT_BENCH,
+    PromptFileError,
     answer_alpaca_eval,
     answer_mt_bench,
     build_tiny_eval_prompts,
     default_generator_name,
     read_alpaca_eval_prompts,
     read_mt_bench_questions,
-    resolve_backend,
-    vllm_available,
 )
 from rao_tune.models.checkpoint_files import find_checkpoint_files
 

@@ -9,9 +9,8 @@ own tools. Here:
 * prompt rendering with the model's own torchtune tokenizer and chat format, exactly as training renders a
   prompt (the conversation plus an empty assistant message, without end tokens, so it ends with the assistant
   header), whichever backend generates;
-* two generation backends with one interface (token ids in, new token ids out): :class:`TorchtuneBackend`
-  (torchtune's KV-cache generation, CPU or GPU) and :class:`VLLMBackend` (vllm on GPUs, imported only when
-  built), each with a progress bar over the prompts;
+* answering with any generation backend of :mod:`rao_tune.eval.generation` (torchtune's KV-cache generation or
+  vllm; token ids in, new token ids out);
 * multi-turn answering (MT-Bench's second turn sees the first question and the model's own first answer);
 * writers: AlpacaEval's ``model_outputs.json`` (``instruction``, ``output``, ``generator``, ``dataset``) and
   MT-Bench answer lines as FastChat's ``gen_model_answer`` writes them (``question_id``, ``answer_id``,
@@ -21,29 +20,19 @@ own tools. Here:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import inspect
 import json
-import logging
 import os
 import re
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from torchtune.data import Message
-from tqdm.auto import tqdm
 
 from rao_tune.data.reward_dataset import tokenize_prompt
+from rao_tune.eval.generation import GenerationBackend, GenerationStats, PathLike, decode_text
 from rao_tune.files import write_atomically
-
-log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torchtune", "vllm")
-PathLike = Union[str, os.PathLike]
-
 
 # --- Prompt files ------------------------------------------------------------------------------------------------
 
@@ -242,193 +231,7 @@ def render_prompt(tokenizer: Any, conversation: Sequence[tuple[str, str]], syste
     return tokenize_prompt(tokenizer, messages)
 
 
-def decode_text(tokenizer: Any, token_ids: Sequence[int]) -> str:
-    """The answer's text without special tokens and surrounding whitespace (as FastChat and AlpacaEval keep it)."""
-    if "skip_special_tokens" in inspect.signature(tokenizer.decode).parameters:
-        text = tokenizer.decode(list(token_ids), skip_special_tokens=True)
-    else:
-        text = tokenizer.decode(list(token_ids))
-    return text.strip()
-
-
-def cut_at_stop(tokens: Sequence[int], stop_tokens: Sequence[int]) -> list[int]:
-    """``tokens`` up to (without) the first stop token."""
-    stops = set(stop_tokens)
-    return next((list(tokens[:i]) for i, token in enumerate(tokens) if token in stops), list(tokens))
-
-
-# --- Backends ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How answers are drawn; ``temperature == 0`` is greedy decoding (the paper's setting)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: Optional[int] = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"sampling.top_k must be null or >= 1, got {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-class GenerationBackend(ABC):
-    """Continues prompts given as token ids (rendered by our tokenizer) and returns only the new token ids,
-    cut before the first stop token, showing a progress bar (labelled ``desc``) over the prompts: answering
-    hundreds of prompts takes minutes to hours."""
-
-    name: str
-
-    @abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 desc: Optional[str] = None) -> list[list[int]]:
-        ...
-
-
-class TorchtuneBackend(GenerationBackend):
-    """torchtune's generation with a KV cache, in batches of ``batch_size`` prompts of similar length.
-
-    torchtune samples with temperature and top-k only: ``top_p < 1`` with sampling is refused rather than
-    silently ignored. A prompt too long for ``max_new_tokens`` within the model's ``max_seq_len`` gets fewer
-    new tokens (with a warning).
-    """
-
-    name = "torchtune"
-
-    def __init__(self, model: Any, tokenizer: Any, *, device: Any, dtype: Any, sampling: SamplingSettings,
-                 batch_size: int = 8):
-        from rao_tune.eval.generation import stop_token_ids
-
-        if not sampling.greedy and sampling.top_p < 1:
-            raise ValueError("the torchtune backend samples with temperature and top_k only; set sampling.top_p=1.0 "
-                             "or use backend=vllm")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
-        self.sampling, self.batch_size = sampling, batch_size
-        self.stop_tokens = stop_token_ids(tokenizer)
-        self.pad_id = getattr(tokenizer, "pad_id", None)
-        if self.pad_id is None:
-            self.pad_id = 0
-        self.max_seq_len = getattr(model, "max_seq_len", None)
-
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 desc: Optional[str] = None) -> list[list[int]]:
-        from rao_tune.eval.generation import generate_tokens
-
-        budgets = [max_new_tokens] * len(prompts)
-        if self.max_seq_len is not None:
-            budgets = [min(max_new_tokens, self.max_seq_len - len(prompt)) for prompt in prompts]
-            too_long = [i for i, budget in enumerate(budgets) if budget < 1]
-            if too_long:
-                i = too_long[0]
-                raise ValueError(f"prompt {i} has {len(prompts[i])} tokens, the model's max_seq_len is {self.max_seq_len}: "
-                                 f"no room for an answer ({len(too_long)} such prompts)")
-            shortened = sum(budget < max_new_tokens for budget in budgets)
-            if shortened:
-                log.warning("%d prompts leave room for fewer than max_new_tokens=%d new tokens within max_seq_len=%d; "
-                            "their answers may be cut", shortened, max_new_tokens, self.max_seq_len)
-        outputs: list[list[int]] = [[] for _ in prompts]
-        with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
-            for budget in sorted(set(budgets), reverse=True):  # one call when every prompt fits (the usual case)
-                indices = [i for i, b in enumerate(budgets) if b == budget]
-                new_tokens = generate_tokens(
-                    self.model, [prompts[i] for i in indices], max_new_tokens=budget, pad_id=self.pad_id,
-                    stop_tokens=self.stop_tokens, device=self.device, dtype=self.dtype,
-                    temperature=self.sampling.temperature, top_k=self.sampling.top_k, batch_size=self.batch_size,
-                    seed=self.sampling.seed, progress=bar.update,
-                )
-                for i, tokens in zip(indices, new_tokens):
-                    outputs[i] = tokens
-        return outputs
-
-
-_VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-class VLLMBackend(GenerationBackend):
-    """vllm on GPUs (``pip install 'rao-tune[vllm]'``), imported only here.
-
-    vllm reads the weights from the HF checkpoint folder but never tokenizes: prompts are token ids rendered by
-    our tokenizer (so the chat format is the one the model was trained with), and the new token ids are decoded
-    by our tokenizer too (``skip_tokenizer_init``). The progress bar is vllm's own (``use_tqdm``; it has its own
-    label). Not run in CI (no GPU there).
-    """
-
-    name = "vllm"
-
-    def __init__(self, model_dir: PathLike, tokenizer: Any, *, sampling: SamplingSettings, dtype: str = "bf16",
-                 tensor_parallel_size: int = 1, **llm_kwargs: Any):
-        try:
-            import vllm
-        except ImportError as err:
-            raise ImportError("backend=vllm needs vllm on a GPU machine: pip install 'rao-tune[vllm]' "
-                              "(or use backend=torchtune)") from err
-        from rao_tune.eval.generation import stop_token_ids
-
-        self._vllm = vllm
-        self.sampling = sampling
-        self.stop_tokens = stop_token_ids(tokenizer)
-        self.llm = vllm.LLM(
-            model=str(model_dir), dtype=_VLLM_DTYPES.get(dtype, dtype), tensor_parallel_size=tensor_parallel_size,
-            seed=sampling.seed, skip_tokenizer_init=True, **llm_kwargs,
-        )
-
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 desc: Optional[str] = None) -> list[list[int]]:
-        params: dict[str, Any] = {
-            "temperature": self.sampling.temperature, "top_p": self.sampling.top_p, "max_tokens": max_new_tokens,
-            "stop_token_ids": list(self.stop_tokens), "seed": self.sampling.seed, "detokenize": False,
-        }
-        if self.sampling.top_k is not None:
-            params["top_k"] = self.sampling.top_k
-        if desc:
-            log.info("%s: %d prompts", desc, len(prompts))
-        results = self.llm.generate(
-            [{"prompt_token_ids": list(prompt)} for prompt in prompts], self._vllm.SamplingParams(**params),
-            use_tqdm=True,
-        )
-        return [cut_at_stop(list(result.outputs[0].token_ids), self.stop_tokens) for result in results]
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def resolve_backend(backend: str, device: str) -> str:
-    """``auto`` is vllm when it is installed and the device is a GPU, else torchtune."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    on_gpu = str(device).startswith("cuda")
-    if backend == "auto":
-        return "vllm" if on_gpu and vllm_available() else "torchtune"
-    if backend == "vllm" and not on_gpu:
-        raise ValueError(f"backend=vllm runs on GPUs only (device={device!r}); use backend=torchtune on CPU")
-    return backend
-
-
 # --- Answering ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerationStats:
-    prompts: int = 0
-    new_tokens: int = 0
-    seconds: float = 0.0
-
-    def __str__(self) -> str:
-        rate = self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
-        return f"{self.prompts} prompts, {self.new_tokens} new tokens in {self.seconds:.1f} s ({rate:.1f} tokens/s)"
 
 
 def _generate_texts(backend: GenerationBackend, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,

@@ -86,8 +86,28 @@ class Pipeline:
         work()
         self.times[name] = time.perf_counter() - started
         self.log(f"[{name}] {self.times[name]:.0f} s")
+        # Every stage's time, kept across re-runs (a re-run times only what it runs).
+        times_path = self.out / "stage_seconds.json"
+        times = json.loads(times_path.read_text()) if times_path.exists() else {}
+        write_atomically(times_path, json.dumps({**times, name: self.times[name]}, indent=2) + "\n")
 
     # --- shared stages ----------------------------------------------------------------------------------------
+
+    def check_reuse(self) -> None:
+        """A folder's finished stages are reused only by a run of the same scale, seed and model: its prompts,
+        samples and answers would otherwise be another run's. ``settings.json`` records what they were made with."""
+        settings = {"seed": self.cfg.seed, "scale": OmegaConf.to_container(self.cfg.scale, resolve=True),
+                    "model_dir": str(self.model_dir), "reward_model_lr": self.cfg.reward_model_lr}
+        path = self.out / "settings.json"
+        if path.exists():
+            previous = json.loads(path.read_text())
+            changed = sorted(key for key in settings if previous.get(key) != settings[key])
+            if changed:
+                raise ValueError(f"{self.out} holds a pipeline run with other {', '.join(changed)} ({path}); "
+                                 "use another --out, or the same settings to reuse its finished stages")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, json.dumps(settings, indent=2) + "\n")
 
     def prepare(self) -> dict[str, Any]:
         scale = self.cfg.scale
@@ -200,15 +220,16 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole pipeline for ``cfg`` (one seed); writes ``report.json`` and ``report.md`` into ``cfg.out``."""
     started = time.perf_counter()
     pipeline = Pipeline(cfg, log)
+    pipeline.check_reuse()
     prepared = pipeline.prepare()
     start = pipeline.evaluate(pipeline.out / "start", pipeline.model_dir, "start")
     results = {}
     for method in cfg.methods:
-        for annotations in cfg.annotations:
-            runs = [pipeline.align(method, annotations, setting)
+        for annotation in cfg.annotations:
+            runs = [pipeline.align(method, annotation, setting)
                     for setting in grid_settings(cfg.methods[method].get("grid"))]
             chosen = max(runs, key=lambda r: statistics.fmean(r["validation"]["reward"]))  # validation only
-            results[f"{method} ({annotations})"] = {
+            results[f"{method} ({annotation})"] = {
                 "chosen": chosen["name"], "setting": chosen["setting"],
                 "grid": {r["name"]: statistics.fmean(r["validation"]["reward"]) for r in runs},
                 "test_reward": statistics.fmean(chosen["test"]["reward"]),
@@ -220,8 +241,8 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     report = {"prepared": prepared,
               "start": {"test_reward": statistics.fmean(start["test"]["reward"]),
                         "test_all_met": statistics.fmean(start["test"]["all_met"]), "answers": start["answers"]},
-              "methods": results, "stage_seconds": pipeline.times,
-              "wall_seconds": time.perf_counter() - started, "config": OmegaConf.to_container(cfg, resolve=True)}
+              "methods": results, "stage_seconds": json.loads((pipeline.out / "stage_seconds.json").read_text()),
+              "wall_seconds_this_run": time.perf_counter() - started, "config": OmegaConf.to_container(cfg, resolve=True)}
     write_atomically(pipeline.out / "report.json", json.dumps(report, indent=2) + "\n")
     write_atomically(pipeline.out / "report.md", render_report(report, pipeline.prompts))
     return report
@@ -249,7 +270,8 @@ def render_report(report: Mapping[str, Any], prompts: Mapping[str, Sequence[str]
               f"{prepared['samples']['best_of_k']:.3f}. Reward model: held-out pair accuracy "
               f"{prepared['reward_model']['heldout_accuracy']}, agreement with the checker on training pairs "
               f"{prepared['reward_model']['pair_agreement']:.3f}.",
-              f"Wall time: {report['wall_seconds'] / 60:.1f} min; stages (s): "
+              f"Time on this machine: {sum(report['stage_seconds'].values()) / 60:.1f} min in stages, "
+              f"{report['wall_seconds_this_run'] / 60:.1f} min in this invocation; stages (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()), "", "## Answers before and after", ""]
     n_val = len(prompts["validation"])
     first_method = next(iter(report["methods"].values()), None)

@@ -24,10 +24,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torchtune import rlhf
-from torchtune.generation import generate
-from torchtune.modules.common_utils import local_kv_cache
 
-from rao_tune.eval.generation import left_padded
+from rao_tune.eval.generation import decode_batch, left_padded
 from rao_tune.training.logprobs import token_logps
 from rao_tune.training.value import head_outputs
 
@@ -72,29 +70,25 @@ def sample_responses(
     stop_early: bool = True,
     rng: Optional[torch.Generator] = None,
 ) -> Samples:
-    """Sample ``samples_per_prompt`` responses to each prompt with torchtune's ``generate`` and a KV cache, all
-    sequences in one batch (prompts left-padded), from the whole distribution at ``temperature`` (0: greedy). ``rng=None`` samples from
+    """Sample ``samples_per_prompt`` responses to each prompt with the shared decoding core
+    (:func:`rao_tune.eval.generation.decode_batch`: torchtune's ``generate`` and a KV cache), all sequences in one
+    batch, from the whole distribution at ``temperature`` (0: greedy). ``rng=None`` samples from
     the global generator, which step checkpoints save and restore. ``stop_early=False`` always runs
     ``max_new_tokens`` decoding steps: under FSDP every process must run the same number of forward passes
     (their all-gathers are collective), so only one process may stop when its own sequences are done."""
     repeated = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
-    batch = left_padded(repeated, pad_id)
-    width = batch.shape[1]
     stops = set(stop_tokens)
-    with local_kv_cache(model, batch_size=len(repeated), device=device, dtype=dtype,
-                        decoder_max_seq_len=width + max_new_tokens):
-        tokens, logits = generate(
-            model, batch.to(device), max_generated_tokens=max_new_tokens, pad_id=pad_id,
-            temperature=temperature if temperature > 0 else 1.0, top_k=None if temperature > 0 else 1,
-            stop_tokens=list(stops) if stop_early else None, rng=rng,
-        )
+    new_tokens, logits = decode_batch(
+        model, repeated, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_tokens=stop_tokens, device=device,
+        dtype=dtype, temperature=temperature, stop_early=stop_early, rng=rng,
+    )
     # The entropy of the model's own distribution at each generated position, one sequence at a time (fp32 copies of
     # all the logits would be several times their size).
     token_entropies = torch.stack([torch.special.entr(torch.softmax(row.float(), dim=-1)).sum(-1) for row in logits])
     del logits
     samples = Samples([], [], [])
     for row in range(len(repeated)):
-        new = tokens[row, width:].tolist()
+        new = new_tokens[row].tolist()
         end = next((position + 1 for position, token in enumerate(new) if token in stops), None)
         response = new[:end] if end is not None else new
         samples.responses.append(response)
