@@ -112,3 +112,30 @@ def test_score_and_paired_bootstrap():
     # The 95% interval of a mean of 100 differences with sd ~0.78: about +-1.96 * 0.078.
     assert result["low"] == pytest.approx(0.3 - 0.153, abs=0.04) and result["high"] == pytest.approx(0.3 + 0.153, abs=0.04)
     assert paired_bootstrap(start, start)["low"] == paired_bootstrap(start, start)["high"] == 0.0
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_on_smollm2_and_refuses_other_settings(tmp_path, smollm2_dir):
+    """The real-model pipeline at its smallest (oracle annotations only: no reward model): every stage runs, the report compares the aligned model with the
+    start model on the test prompts, a re-run reuses every stage, and other settings in the same folder are refused."""
+    from omegaconf import OmegaConf
+
+    from conftest import REPO_ROOT
+    from rao_tune.real.pipeline import run
+
+    cfg = OmegaConf.load(REPO_ROOT / "configs" / "real" / "smollm2_pipeline.yaml")
+    cfg.out, cfg.model_dir, cfg.annotations = str(tmp_path / "run"), str(smollm2_dir), ["checker"]
+    cfg.scale.update(train_prompts=8, validation_prompts=2, test_prompts=2, samples_per_prompt=2, max_new_tokens=16,
+                     sample_batch_size=8, align_batch_size=2)
+    cfg.methods = {"RAO": {**cfg.methods.RAO, "grid": {"optimizer.lr": [5e-4]}}}
+    report = run(cfg, log=lambda message: None)
+    assert list(report["methods"]) == ["RAO (checker)"]
+    row = report["methods"]["RAO (checker)"]
+    assert row["vs_start_reward"]["mean"] == pytest.approx(row["test_reward"] - report["start"]["test_reward"])
+    assert "| RAO (checker) |" in (tmp_path / "run" / "report.md").read_text()
+    seen = []
+    run(cfg, log=seen.append)  # everything reused
+    assert seen and all("reused" in line for line in seen)
+    cfg.scale.train_prompts = 9
+    with pytest.raises(ValueError, match="other scale"):
+        run(cfg, log=lambda message: None)

@@ -132,6 +132,15 @@ class Pipeline:
                 "annotate_rewards", "smollm2_135m_checker", f"output_dir={self.out / 'checker'}",
                 f"dataset.data_files={samples}", f"output_path={checked}"))
 
+        self.annotations = {"checker": self.out / "checker" / "train.jsonl"}
+        self.evaluation_prompts = evaluation
+        checked_train = read_jsonl(self.out / "checker" / "train.jsonl")
+        prepared = {"samples": {"mean_reward": statistics.fmean(r for row in checked_train for r in row["rewards"]),
+                                "best_of_k": statistics.fmean(max(row["rewards"]) for row in checked_train)},
+                    "reward_model": None}
+        if "reward_model" not in self.cfg.annotations:  # the oracle alone needs no reward model
+            return prepared
+
         reward_model = self.out / "reward_model"
         epochs = scale.reward_model_epochs
         reward_model_dir = reward_model / f"epoch_{epochs - 1}"
@@ -150,15 +159,11 @@ class Pipeline:
             "annotate_rewards", "smollm2_135m_annotate", *self.common, f"output_dir={self.out / 'annotated'}",
             f"reward_model_dir={reward_model_dir}", f"dataset.data_files={self.out / 'checker' / 'train.jsonl'}",
             "dataset.on_bad_row=drop", f"output_path={annotated}", f"scorer.max_seq_len={scale.max_seq_len}"))
-        self.annotations = {"reward_model": annotated, "checker": self.out / "checker" / "train.jsonl"}
-        self.evaluation_prompts = evaluation
-        checked_train = read_jsonl(self.out / "checker" / "train.jsonl")
-        return {
-            "reward_model": {"heldout_accuracy": heldout.get("eval_accuracy"), "heldout_pairs": heldout.get("eval_pairs"),
-                             "pair_agreement": pair_agreement(annotated, self.annotations["checker"])},
-            "samples": {"mean_reward": statistics.fmean(r for row in checked_train for r in row["rewards"]),
-                        "best_of_k": statistics.fmean(max(row["rewards"]) for row in checked_train)},
-        }
+        self.annotations["reward_model"] = annotated
+        prepared["reward_model"] = {"heldout_accuracy": heldout.get("eval_accuracy"),
+                                    "heldout_pairs": heldout.get("eval_pairs"),
+                                    "pair_agreement": pair_agreement(annotated, self.annotations["checker"])}
+        return prepared
 
     # --- evaluation and alignment -------------------------------------------------------------------------------
 
@@ -265,11 +270,12 @@ def render_report(report: Mapping[str, Any], prompts: Mapping[str, Sequence[str]
                      f"{reward['mean']:+.3f} [{reward['low']:+.3f}, {reward['high']:+.3f}] | "
                      f"{all_met['mean']:+.3f} [{all_met['low']:+.3f}, {all_met['high']:+.3f}] | "
                      f"{', '.join(f'{k}={v}' for k, v in row['setting'].items()) or '-'} |")
-    prepared = report["prepared"]
+    prepared, reward_model = report["prepared"], report["prepared"]["reward_model"]
     lines += ["", f"Samples (training prompts): mean checker reward {prepared['samples']['mean_reward']:.3f}, best of k "
-              f"{prepared['samples']['best_of_k']:.3f}. Reward model: held-out pair accuracy "
-              f"{prepared['reward_model']['heldout_accuracy']}, agreement with the checker on training pairs "
-              f"{prepared['reward_model']['pair_agreement']:.3f}.",
+              f"{prepared['samples']['best_of_k']:.3f}."
+              + (f" Reward model: held-out pair accuracy {reward_model['heldout_accuracy'] or float('nan'):.3f} "
+                 f"({reward_model['heldout_pairs'] or 0:.0f} pairs of validation samples), agreement with the checker "
+                 f"on training pairs {reward_model['pair_agreement']:.3f}." if reward_model else ""),
               f"Time on this machine: {sum(report['stage_seconds'].values()) / 60:.1f} min in stages, "
               f"{report['wall_seconds_this_run'] / 60:.1f} min in this invocation; stages (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in report["stage_seconds"].items()), "", "## Answers before and after", ""]
