@@ -286,3 +286,30 @@ def test_smollm2_tokenizer_equals_apply_chat_template(smollm2_dir):
     assert byte_level_text(ours, [t for t, m in zip(tokens, mask) if not m]) == "  two<|im_end|>"
     assert ours.first_token_id == theirs.convert_tokens_to_ids("<|im_start|>")
     assert ours.stop_tokens == [theirs.convert_tokens_to_ids("<|im_end|>")]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_generation_equals_transformers(smollm2_dir, tmp_path):
+    """Our generation path (chat prompt, pad id, KV cache) on the real model gives transformers' greedy tokens. Its
+    pad token (<|endoftext|>) never occurs in a prompt; the folder's own pad_token is <|im_end|>, which ends every
+    turn, and torchtune's generate hides every prompt token equal to the pad id."""
+    from rao_tune.eval.generation import decode_batch, generate_tokens
+
+    ours, _ = load_tune(smollm2_dir, tmp_path / "out")
+    tokenizer = HFChatTokenizer(str(smollm2_dir))
+    assert tokenizer.pad_id == 0 and tokenizer.pad_id not in tokenizer.stop_tokens
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    for question in ["List three fruits, one per line.", "Describe tea. Do not use any commas."]:
+        prompt, _ = tokenizer.tokenize_messages([Message(role="user", content=question),
+                                                 Message(role="assistant", content="")], add_end_tokens=False)
+        assert 2 in prompt  # <|im_end|> closes the system turn: it must stay visible
+        ours_new = generate_tokens(ours, [prompt], max_new_tokens=12, pad_id=tokenizer.pad_id,
+                                   stop_tokens=tokenizer.stop_tokens, device=torch.device("cpu"), dtype=torch.float32)[0]
+        with torch.no_grad():
+            generated = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
+        theirs_new = [t for t in generated.tolist()]
+        theirs_new = theirs_new[: theirs_new.index(2)] if 2 in theirs_new else theirs_new
+        assert ours_new == theirs_new, (question, tokenizer.decode(ours_new), tokenizer.decode(theirs_new))
+    with pytest.raises(ValueError, match="occurs inside a prompt"):
+        decode_batch(ours, [prompt], max_new_tokens=2, pad_id=2, stop_tokens=[2], device=torch.device("cpu"),
+                     dtype=torch.float32)

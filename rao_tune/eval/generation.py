@@ -78,6 +78,10 @@ def decode_batch(
     greedy decoding; ``stop_early=False`` runs every decoding step even when all sequences have stopped (under
     FSDP each process must run the same forward passes). Returns the new tokens ``[B, <= max_new_tokens]`` (stop
     tokens included, padding after them) and the logits that chose them."""
+    if any(pad_id in prompt for prompt in prompts):
+        # torchtune's generate reads every prompt token equal to pad_id as padding and hides it.
+        raise ValueError(f"pad id {pad_id} occurs inside a prompt: generation would mask those tokens; give the "
+                         "tokenizer a pad token that prompts never contain")
     batch = left_padded(prompts, pad_id)
     width = batch.shape[1]
     with local_kv_cache(model, batch_size=len(prompts), device=device, dtype=dtype,

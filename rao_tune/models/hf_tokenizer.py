@@ -76,7 +76,8 @@ class HFChatTokenizer:
           path: ${model_dir}
     """
 
-    def __init__(self, path: Union[str, Path], max_seq_len: Optional[int] = None) -> None:
+    def __init__(self, path: Union[str, Path], max_seq_len: Optional[int] = None,
+                 pad_token: Optional[str] = None) -> None:
         self.path = Path(path)
         self.max_seq_len = max_seq_len
         tokenizer_file, config_file = self.path / "tokenizer.json", self.path / "tokenizer_config.json"
@@ -92,15 +93,16 @@ class HFChatTokenizer:
         if not isinstance(self.chat_template, str):
             raise ValueError(f"{self.path}: no chat template (neither chat_template.jinja nor tokenizer_config.json's "
                              "chat_template): HFChatTokenizer renders conversations with the model's own template")
+        # The special tokens the template sees: only those that are set (a null bos_token must not render "None").
         self.special_token_texts = {
-            key: _token_text(config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+            key: text for key in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token",
+                                  "mask_token")
+            if (text := _token_text(config.get(key))) is not None
         }
-        self.bos_id = self._id_of(self.special_token_texts["bos_token"])
-        self.eos_id = self._id_of(self.special_token_texts["eos_token"])
+        self.bos_id = self._id_of(self.special_token_texts.get("bos_token"))
+        self.eos_id = self._id_of(self.special_token_texts.get("eos_token"))
         if self.eos_id is None:
             raise ValueError(f"{config_file}: eos_token is missing or not in the vocabulary")
-        pad_id = self._id_of(self.special_token_texts["pad_token"])
-        self.pad_id = pad_id if pad_id is not None else self.eos_id
         stop_tokens = [self.eos_id]
         generation_file = self.path / "generation_config.json"
         if generation_file.is_file():
@@ -113,6 +115,7 @@ class HFChatTokenizer:
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self._template = None
         self.first_token_id = self._check_first_token()
+        self.pad_id = self._choose_pad_id(pad_token)
 
     def _id_of(self, text: Optional[str]) -> Optional[int]:
         return None if text is None else self._tokenizer.token_to_id(text)
@@ -135,7 +138,7 @@ class HFChatTokenizer:
         if self._template is None:
             self._template = _compile(self.chat_template)
         return self._template.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                                     **self.special_token_texts)
+                                     tools=None, documents=None, **self.special_token_texts)
 
     def _check_first_token(self) -> int:
         firsts = {}
@@ -150,12 +153,28 @@ class HFChatTokenizer:
                 "RAO's normaliser needs a shared first token t0 (e.g. a BOS token or a fixed header)")
         return next(iter(firsts.values()))
 
+    def _choose_pad_id(self, pad_token: Optional[str]) -> int:
+        """A pad id that never occurs in a rendered conversation: torchtune's generation treats every prompt token
+        equal to the pad id as padding, so a pad that is also the end of a turn (SmolLM2's pad_token is
+        <|im_end|>) would hide each earlier turn's end from the model. The folder's pad_token if it qualifies,
+        else its unk_token; ``pad_token`` names one explicitly."""
+        probe = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                 {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+        used = set(self._tokenizer.encode(self.render(probe, add_generation_prompt=True), add_special_tokens=False).ids)
+        candidates = [pad_token] if pad_token else [self.special_token_texts.get(k) for k in ("pad_token", "unk_token")]
+        for text in candidates:
+            token_id = self._id_of(text)
+            if token_id is not None and token_id not in used and token_id not in self.stop_tokens:
+                return token_id
+        raise ValueError(f"{self.path}: neither pad_token nor unk_token is a token that rendered conversations never "
+                         f"contain ({candidates}); name one with HFChatTokenizer(pad_token=...)")
+
     # --- the torchtune interface ----------------------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids = [self.bos_id] + ids
+        """``add_bos``: the special tokens tokenizer.json's post-processor adds, as HF's ``encode`` does (SmolLM2's
+        adds none; Llama 3's adds <|begin_of_text|>)."""
+        ids = self._tokenizer.encode(text, add_special_tokens=add_bos).ids
         if add_eos:
             ids = ids + [self.eos_id]
         return ids
@@ -181,13 +200,14 @@ class HFChatTokenizer:
                 continue
             before = self.render(chat[:index], add_generation_prompt=True)  # what precedes the answer
             start = len(before)
+            turn_end = len(self.render(chat[: index + 1]))  # the answer's stop token lies before the next turn
             if not text.startswith(before):
                 raise ValueError(f"{self.path}: the chat template renders the conversation before message {index} "
                                  "differently once the message follows; cannot tell which tokens are the answer")
             if open_last and index == len(chat) - 1:
                 trained_spans.append((start, len(text)))
                 continue
-            ends = [(text.find(stop, start), stop) for stop in self._stop_texts]
+            ends = [(text.find(stop, start, turn_end), stop) for stop in self._stop_texts]
             ends = [(position, stop) for position, stop in ends if position >= 0]
             if not ends:
                 raise ValueError(f"{self.path}: no stop token ({self._stop_texts}) follows assistant message {index}")

@@ -16,6 +16,7 @@ Finished stages are reused on a re-run (each writes its output last); :func:`run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -50,7 +51,7 @@ def write_jsonl(path: Path, rows: Sequence[Mapping]) -> Path:
 
 def score(prompts: Sequence[str], answers: Sequence[str]) -> dict[str, list[float]]:
     """Per prompt: the checker's reward (fraction of constraints met) and whether every constraint is met."""
-    results = [constraint_results(prompt, answer) for prompt, answer in zip(prompts, answers)]
+    results = [constraint_results(prompt, answer) for prompt, answer in zip(prompts, answers, strict=True)]
     return {"reward": [sum(r) / len(r) for r in results], "all_met": [float(all(r)) for r in results]}
 
 
@@ -58,7 +59,7 @@ def paired_bootstrap(start: Sequence[float], method: Sequence[float], *, samples
                      seed: int = 0) -> dict[str, float]:
     """Mean of ``method - start`` over the same test prompts and its 95% percentile interval from resampling
     the prompts with replacement (the prompt is the unit: one seed leaves no other source of variation)."""
-    differences = [m - s for s, m in zip(start, method)]
+    differences = [m - s for s, m in zip(start, method, strict=True)]
     rng = random.Random(seed)
     n = len(differences)
     means = sorted(statistics.fmean(rng.choices(differences, k=n)) for _ in range(samples))
@@ -183,7 +184,10 @@ class Pipeline:
 
     def align(self, method: str, annotations: str, setting: tuple) -> dict[str, Any]:
         spec = self.cfg.methods[method]
-        name = "_".join([method, annotations, *[f"{k.split('.')[-1]}{v}" for k, v in setting]])
+        # The loss's settings are part of the run's identity: another beta or z0 is another run, not a reuse.
+        loss = json.dumps(OmegaConf.to_container(spec.loss, resolve=True), sort_keys=True)
+        loss_id = hashlib.sha256(loss.encode()).hexdigest()[:8]
+        name = "_".join([method, annotations, *[f"{k}={v}" for k, v in setting], loss_id])
         out = self.out / "runs" / name
         epochs = self.cfg.scale.align_epochs
         final_dir = out / f"epoch_{epochs - 1}"
@@ -204,15 +208,17 @@ class Pipeline:
         trained = [steps[s] for s in sorted(steps) if "loss" in steps[s]]
         for path in [out / "checkpoints", out / "reference_logps"]:  # keep logs, answers, the last export
             shutil.rmtree(path, ignore_errors=True)
+        rates = [s["tokens_per_second"] for s in trained if "tokens_per_second" in s]
         return {**scores, "name": name, "setting": dict(setting), "steps": len(trained),
-                "tokens_per_second": statistics.fmean(s["tokens_per_second"] for s in trained
-                                                      if "tokens_per_second" in s) if trained else None}
+                "tokens_per_second": statistics.median(rates) if rates else None}
 
 
 def pair_agreement(annotated: Path, checked: Path) -> float:
     """The fraction of checker-ordered pairs of training samples that the reward model orders the same way."""
     agree = pairs = 0
-    for model_row, checker_row in zip(read_jsonl(annotated), read_jsonl(checked)):
+    for model_row, checker_row in zip(read_jsonl(annotated), read_jsonl(checked), strict=True):
+        if model_row["responses"] != checker_row["responses"]:
+            raise ValueError(f"{annotated} and {checked} hold other rows at the same position")
         for i, better in enumerate(checker_row["rewards"]):
             for j, worse in enumerate(checker_row["rewards"]):
                 if better > worse:
@@ -253,6 +259,10 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     return report
 
 
+def _number(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def render_report(report: Mapping[str, Any], prompts: Mapping[str, Sequence[str]], examples: int = 3) -> str:
     start = report["start"]
     lines = [
@@ -273,8 +283,8 @@ def render_report(report: Mapping[str, Any], prompts: Mapping[str, Sequence[str]
     prepared, reward_model = report["prepared"], report["prepared"]["reward_model"]
     lines += ["", f"Samples (training prompts): mean checker reward {prepared['samples']['mean_reward']:.3f}, best of k "
               f"{prepared['samples']['best_of_k']:.3f}."
-              + (f" Reward model: held-out pair accuracy {reward_model['heldout_accuracy'] or float('nan'):.3f} "
-                 f"({reward_model['heldout_pairs'] or 0:.0f} pairs of validation samples), agreement with the checker "
+              + (f" Reward model: held-out pair accuracy {_number(reward_model['heldout_accuracy'])} "
+                 f"({_number(reward_model['heldout_pairs'], 0)} pairs of validation samples), agreement with the checker "
                  f"on training pairs {reward_model['pair_agreement']:.3f}." if reward_model else ""),
               f"Time on this machine: {sum(report['stage_seconds'].values()) / 60:.1f} min in stages, "
               f"{report['wall_seconds_this_run'] / 60:.1f} min in this invocation; stages (s): "
