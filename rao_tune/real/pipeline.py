@@ -187,7 +187,7 @@ class Pipeline:
         # The loss's settings are part of the run's identity: another beta or z0 is another run, not a reuse.
         loss = json.dumps(OmegaConf.to_container(spec.loss, resolve=True), sort_keys=True)
         loss_id = hashlib.sha256(loss.encode()).hexdigest()[:8]
-        name = "_".join([method, annotations, *[f"{k}={v}" for k, v in setting], loss_id])
+        name = "_".join([method, annotations, *[f"{k}-{v}" for k, v in setting], loss_id])
         out = self.out / "runs" / name
         epochs = self.cfg.scale.align_epochs
         final_dir = out / f"epoch_{epochs - 1}"
