@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 
 from rao_tune.data._rows import BadRowError, parse_row
 from rao_tune.data._sources import RawRows, load_rows
-from rao_tune.files import fsync_dir, fsync_tree, write_atomically
+from rao_tune.files import fsync_dir, fsync_tree, read_jsonl, write_atomically
 from rao_tune.rewards import as_scorer
 
 log = logging.getLogger(__name__)
@@ -307,3 +308,23 @@ def annotate(
     if world_size > 1:
         dist.barrier()  # the output exists for every rank once this returns
     return summary
+
+
+def annotation_agreement(annotated: Path, reference: Path) -> dict[str, float]:
+    """How one annotation of a responses file (e.g. a reward model's) relates to another of the same rows (the
+    true reward, a checker's): the fraction of pairs the reference orders strictly that ``annotated`` orders the
+    same way, the number of such pairs, and both annotations' reward spreads."""
+    agree = pairs = 0
+    annotated_rewards, reference_rewards = [], []
+    for index, (row, reference_row) in enumerate(zip(read_jsonl(annotated), read_jsonl(reference), strict=True)):
+        if row["responses"] != reference_row["responses"]:
+            raise ValueError(f"{annotated} row {index} holds other responses than {reference} row {index}")
+        annotated_rewards += row["rewards"]
+        reference_rewards += reference_row["rewards"]
+        for i, better in enumerate(reference_row["rewards"]):
+            for j, worse in enumerate(reference_row["rewards"]):
+                if better > worse:
+                    pairs += 1
+                    agree += row["rewards"][i] > row["rewards"][j]
+    return {"pair_agreement": agree / max(pairs, 1), "pairs": pairs,
+            "annotated_std": statistics.pstdev(annotated_rewards), "reference_std": statistics.pstdev(reference_rewards)}

@@ -3,11 +3,12 @@ files by a sample of their bytes."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -32,6 +33,17 @@ def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it into place."""
     with _atomic_file(path, "w") as handle:
         handle.write(text)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: Sequence[Mapping]) -> Path:
+    """``rows`` as JSON lines at ``path``, written atomically (parent folders created); returns the path."""
+    write_atomically(Path(path), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return Path(path)
 
 
 def torch_save_atomically(obj: Any, path: Path) -> None:

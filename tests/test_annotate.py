@@ -3,6 +3,7 @@ crash, rule-based scorers, bad rows, and the output trains RAO as it is."""
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from torchtune import config
 
+from rao_tune.files import read_jsonl
 from rao_tune.annotate import annotate, annotation_dataset
 from rao_tune.data import reward_dataset
 from rao_tune.models import RewardModelHFCheckpointer
@@ -30,10 +32,6 @@ BAD_ROWS = [{"prompt": "count to 2", "responses": ["1 2", "  "]}, {"prompt": "",
 
 def chat(prompt, answer):
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +204,30 @@ def test_llama3_8b_config_runs_with_its_tiny_sibling(monkeypatch, tmp_path, tiny
     assert [r["prompt_id"] for r in out] == [f"id{i}" for i in range(5)]
     assert out[0]["prompt"] == [{"role": "user", "content": "count to 2"}] and out[0]["responses"] == ["1 2", "2 1"]
     assert all(len(r["rewards"]) == 2 and r["rewards"] != [8.0, 2.0] for r in out)
+
+
+def test_annotation_agreement_counts_the_pairs_the_reference_orders(tmp_path):
+    """Two rows: the reference orders 3 + 1 pairs strictly (ties are no pair); the annotation agrees on 2 + 1."""
+    from rao_tune.annotate import annotation_agreement
+    from rao_tune.files import write_jsonl
+
+    responses = [["a", "b", "c"], ["d", "e"]]
+    reference = write_jsonl(tmp_path / "reference.jsonl", [
+        {"prompt": "p", "responses": responses[0], "rewards": [1.0, 0.5, 0.0]},
+        {"prompt": "q", "responses": responses[1], "rewards": [0.0, 1.0]},
+    ])
+    annotated = write_jsonl(tmp_path / "annotated.jsonl", [
+        {"prompt": "p", "responses": responses[0], "rewards": [2.0, -1.0, 0.0]},  # a>b yes, a>c yes, b>c no
+        {"prompt": "q", "responses": responses[1], "rewards": [-3.0, 3.0]},  # e>d yes
+    ])
+    agreement = annotation_agreement(annotated, reference)
+    assert agreement["pairs"] == 4
+    assert agreement["pair_agreement"] == 3 / 4
+    assert agreement["reference_std"] == pytest.approx(statistics.pstdev([1.0, 0.5, 0.0, 0.0, 1.0]))
+    assert agreement["annotated_std"] == pytest.approx(statistics.pstdev([2.0, -1.0, 0.0, -3.0, 3.0]))
+    assert read_jsonl(annotated)[1]["rewards"] == [-3.0, 3.0]
+
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "p", "responses": ["x", "b", "c"], "rewards": [0, 0, 0]},
+                                                   {"prompt": "q", "responses": responses[1], "rewards": [0, 0]}])
+    with pytest.raises(ValueError, match="row 0 holds other responses"):
+        annotation_agreement(other, reference)

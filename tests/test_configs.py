@@ -14,6 +14,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 from torchtune import training
 
+from rao_tune.files import write_jsonl
 from rao_tune.models import RewardModelHFCheckpointer
 from rao_tune.toy.task import reward_rows, sft_rows
 from rao_tune.toy.families import build_family_assets
@@ -57,11 +58,6 @@ def family_assets(tmp_path_factory):
         return cache[family]
 
     return get
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def tiny_data(tmp_path, stage):

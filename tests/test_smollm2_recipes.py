@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from rao_tune.files import write_jsonl
 from rao_tune.toy.task import reward_rows, sft_rows
 from rao_tune.training.metrics import read_metrics
 
@@ -23,11 +24,6 @@ SHORT = ["epochs=1", "max_steps_per_epoch=1", "batch_size=2", "lr_scheduler.num_
 # Every loss of the family, as its tiny config sets it, on SmolLM2 with LoRA (RAO and DRO run full below).
 LOSS_CONFIGS = ["tiny_cal_dpo", "tiny_distillation", "tiny_dpo", "tiny_ipo", "tiny_orpo", "tiny_reward_aware_rpo",
                 "tiny_reward_partition", "tiny_rloo", "tiny_simpo", "tiny_slic_hf"]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

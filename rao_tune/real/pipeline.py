@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from rao_tune.files import write_atomically
+from rao_tune.annotate import annotation_agreement
+from rao_tune.files import read_jsonl, write_atomically, write_jsonl
 from rao_tune.inprocess import run_recipe
 from rao_tune.real.instructions import constraint_results, instruction_prompts
 from rao_tune.toy.study import grid_settings
@@ -37,16 +38,6 @@ from rao_tune.training.metrics import read_metrics
 # The pipeline names every data file itself: the configs' data_dir is left unread, and a training recipe refuses an
 # unread top-level key.
 NO_DATA_DIR = ("~data_dir",)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: Sequence[Mapping]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    return path
 
 
 def score(prompts: Sequence[str], answers: Sequence[str]) -> dict[str, list[float]]:
@@ -127,7 +118,8 @@ class Pipeline:
                 "sample_responses", "smollm2_135m_sample", *self.common, f"output_dir={self.out / 'samples'}",
                 f"prompts={self.data / f'prompts_{split}.jsonl'}", f"output_path={samples}",
                 f"num_samples={scale.samples_per_prompt}", f"temperature={scale.temperature}",
-                f"max_new_tokens={scale.max_new_tokens}", f"batch_size={scale.sample_batch_size}"))
+                f"max_new_tokens={scale.max_new_tokens}", f"batch_size={scale.sample_batch_size}",
+                f"dtype={scale.generation_dtype}"))
             checked = self.out / "checker" / f"{split}.jsonl"
             self._stage(f"checker {split}", checked, lambda split=split, samples=samples, checked=checked: run_recipe(
                 "annotate_rewards", "smollm2_135m_checker", f"output_dir={self.out / 'checker'}",
@@ -163,7 +155,7 @@ class Pipeline:
         self.annotations["reward_model"] = annotated
         prepared["reward_model"] = {"heldout_accuracy": heldout.get("eval_accuracy"),
                                     "heldout_pairs": heldout.get("eval_pairs"),
-                                    "pair_agreement": pair_agreement(annotated, self.annotations["checker"])}
+                                    "pair_agreement": annotation_agreement(annotated, self.annotations["checker"])["pair_agreement"]}
         return prepared
 
     # --- evaluation and alignment -------------------------------------------------------------------------------
@@ -176,7 +168,7 @@ class Pipeline:
             f"output_dir={out}", f"generator={generator}", "mt_bench=null",
             f"alpaca_eval.prompts={self.evaluation_prompts}", f"alpaca_eval.output={answers_path}",
             f"alpaca_eval.max_new_tokens={self.cfg.scale.max_new_tokens}",
-            f"batch_size={self.cfg.scale.sample_batch_size}"))
+            f"batch_size={self.cfg.scale.sample_batch_size}", f"dtype={self.cfg.scale.generation_dtype}"))
         answers = [item["output"] for item in json.loads(answers_path.read_text())]
         n_val = len(self.prompts["validation"])
         return {"validation": score(self.prompts["validation"], answers[:n_val]),
@@ -213,20 +205,6 @@ class Pipeline:
                 "tokens_per_second": statistics.median(rates) if rates else None}
 
 
-def pair_agreement(annotated: Path, checked: Path) -> float:
-    """The fraction of checker-ordered pairs of training samples that the reward model orders the same way."""
-    agree = pairs = 0
-    for model_row, checker_row in zip(read_jsonl(annotated), read_jsonl(checked), strict=True):
-        if model_row["responses"] != checker_row["responses"]:
-            raise ValueError(f"{annotated} and {checked} hold other rows at the same position")
-        for i, better in enumerate(checker_row["rewards"]):
-            for j, worse in enumerate(checker_row["rewards"]):
-                if better > worse:
-                    pairs += 1
-                    agree += model_row["rewards"][i] > model_row["rewards"][j]
-    return agree / max(pairs, 1)
-
-
 def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole pipeline for ``cfg`` (one seed); writes ``report.json`` and ``report.md`` into ``cfg.out``."""
     started = time.perf_counter()
@@ -235,7 +213,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     prepared = pipeline.prepare()
     start = pipeline.evaluate(pipeline.out / "start", pipeline.model_dir, "start")
     results = {}
-    for method in cfg.methods:
+    for method in [name for name, spec in cfg.methods.items() if spec is not None]:  # methods.X=null drops X
         for annotation in cfg.annotations:
             runs = [pipeline.align(method, annotation, setting)
                     for setting in grid_settings(cfg.methods[method].get("grid"))]

@@ -21,6 +21,7 @@ from torchtune.models.qwen2 import qwen2
 from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
 from rao_tune.eval.judges import build_tiny_eval_prompts
+from rao_tune.files import write_jsonl
 from rao_tune.toy.task import (
     build_reward_data,
     build_tiny_eval_tasks,
@@ -29,7 +30,6 @@ from rao_tune.toy.task import (
     sft_rows,
     task_prompts,
     tiny_corpus,
-    write_jsonl,
 )
 
 # The special tokens torchtune's Llama3Tokenizer looks up, in Llama 3's order. Their ids start at

@@ -17,10 +17,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from rao_tune.files import write_atomically
+from rao_tune.annotate import annotation_agreement
+from rao_tune.files import write_atomically, write_jsonl
 from rao_tune.inprocess import run_recipe
 from rao_tune.toy.assets import build_tiny_assets
-from rao_tune.toy.task import demonstration_rows, sft_rows, task_prompts, true_reward, write_jsonl
+from rao_tune.toy.task import demonstration_rows, sft_rows, task_prompts, true_reward
 from rao_tune.training.metrics import read_metrics
 
 # The checkpointer's name for the one-file HF export of the tiny models.
@@ -30,10 +31,6 @@ FINAL_METRICS = ("loss", "implicit_reward", "target_reward", "implicit_reward_be
                  "logratio_best", "logratio_worst", "prompt_logratio", "joint_logratio_best", "joint_logratio_worst",
                  "kl_estimate", "response_length", "implicit_accuracy", "reward_correlation",
                  "reward", "kl", "reward_with_kl", "entropy", "clip_fraction", "value_loss")  # fmt: skip
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def score_answers(answers: Sequence[Mapping[str, str]]) -> dict[str, float]:
@@ -110,24 +107,6 @@ def prepare_seed(out: Path, seed: int, scale: Mapping[str, Any]) -> dict[str, An
     record["sft"] = evaluate(out / "sft_answers", sft_dir, record, generator="SFT")
     write_atomically(record_path, json.dumps(record, indent=2) + "\n")
     return record
-
-
-def annotation_agreement(annotated: Path, true_rewards: Path) -> dict[str, float]:
-    """How the reward model's annotations of the training samples relate to their true rewards: the fraction of
-    pairs with different true rewards that it orders the same way, and the two rewards' spreads."""
-    agree = pairs = 0
-    model_rewards, true = [], []
-    for model_row, true_row in zip(read_jsonl(annotated), read_jsonl(true_rewards)):
-        assert model_row["responses"] == true_row["responses"], "annotation rows out of order"
-        model_rewards += model_row["rewards"]
-        true += true_row["rewards"]
-        for i in range(len(true_row["rewards"])):
-            for j in range(len(true_row["rewards"])):
-                if true_row["rewards"][i] > true_row["rewards"][j]:
-                    pairs += 1
-                    agree += model_row["rewards"][i] > model_row["rewards"][j]
-    return {"pair_agreement": agree / max(pairs, 1), "pairs": pairs,
-            "reward_model_std": statistics.pstdev(model_rewards), "true_reward_std": statistics.pstdev(true)}
 
 
 def evaluate(out: Path, checkpoint_dir: Path, prepared: Mapping[str, Any], *, generator: str) -> dict[str, Any]:

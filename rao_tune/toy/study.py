@@ -277,8 +277,8 @@ def build_report(study: Study, chosen: Mapping[str, tuple]) -> dict[str, Any]:
         "reward_model": {
             "heldout_accuracy": mean_interval([p["reward_model"]["heldout_accuracy"] for p in prepared]),
             "pair_agreement": mean_interval([p["reward_model"]["annotation_agreement"]["pair_agreement"] for p in prepared]),
-            "reward_model_std": mean_interval([p["reward_model"]["annotation_agreement"]["reward_model_std"] for p in prepared]),
-            "true_reward_std": mean_interval([p["reward_model"]["annotation_agreement"]["true_reward_std"] for p in prepared]),
+            "reward_model_std": mean_interval([p["reward_model"]["annotation_agreement"]["annotated_std"] for p in prepared]),
+            "true_reward_std": mean_interval([p["reward_model"]["annotation_agreement"]["reference_std"] for p in prepared]),
         },
         "run_seconds": statistics.fmean(r["seconds"] for r in results.values()) if results else 0.0,
         "num_runs": len(results),

@@ -6,11 +6,12 @@ Three families of prompts: ``count from 5 to 14``, ``repeat the word moon 9 time
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 from typing import Any, Callable
+
+from rao_tune.files import write_jsonl
 
 _WORDS: tuple[str, ...] = (
     "apple", "banana", "cat", "dog", "egg", "fish", "grape", "hat", "ink", "jam",
@@ -183,13 +184,6 @@ def sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["responses"][best]}]
         conversations.append({"messages": messages})
     return conversations
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """``rows`` as JSON lines at ``path`` (parent folders created); returns the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def build_tiny_eval_tasks(out_dir: Path, num_questions: int = 12, seed: int = 0) -> Path:
