@@ -140,6 +140,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from rao_tune.data import collate_reward_batch, longest_sequence, useful_tokens
     from rao_tune.losses import DPOLoss, RAOLoss, ResponseLogProbs
+    from rao_tune.models.checkpoint_files import find_checkpoint_files
+    from rao_tune.models.hf_model import hf_model_type
     from rao_tune.training.attention import model_inputs, packed_collator
     from rao_tune.training.distributed import init_distributed
     from rao_tune.training.logprobs import segment_sums, sequence_logps
@@ -153,18 +155,38 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     batches = workload["micro_batches"][: args.warmup + args.steps]
     torch.manual_seed(0)
 
+    real = workload["model_kwargs"] is None  # an HF Llama/Qwen2 folder as it is (--checkpoint-dir)
     checkpointer = training.FullModelHFCheckpointer(
-        checkpoint_dir=args.checkpoint, checkpoint_files=["model.safetensors"], model_type="LLAMA3",
-        output_dir=tempfile.mkdtemp(prefix="bench_unused_"),
+        checkpoint_dir=args.checkpoint, model_type=hf_model_type(args.checkpoint) if real else "LLAMA3",
+        checkpoint_files=find_checkpoint_files(args.checkpoint), output_dir=tempfile.mkdtemp(prefix="bench_unused_"),
     )
     state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
-    cfg_model = OmegaConf.create({"_component_": "torchtune.models.llama3.llama3", **workload["model_kwargs"]})
+    if real:
+        cfg_model = OmegaConf.create({"_component_": "rao_tune.models.hf_model", "checkpoint_dir": args.checkpoint,
+                                      "max_seq_len": args.max_seq_len})
+    else:
+        cfg_model = OmegaConf.create({"_component_": "torchtune.models.llama3.llama3", **workload["model_kwargs"]})
+    if args.lora_rank:  # adapters on every projection, as configs/*_lora.yaml; QLoRA: NF4 base weights
+        cfg_model = OmegaConf.merge(cfg_model, {
+            "_component_": "rao_tune.models.lora_hf_model" if real else "torchtune.models.llama3.lora_llama3",
+            "lora_rank": args.lora_rank,
+            "lora_alpha": 2 * args.lora_rank, "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
+            "apply_lora_to_mlp": True, "quantize_base": args.qlora})
     options = dict(device=device, dtype=dtype)
-    model = setup_fsdp_model(cfg_model, state_dict, activation_checkpointing=args.activation_checkpointing, **options)
+    model = setup_fsdp_model(cfg_model, state_dict, activation_checkpointing=args.activation_checkpointing,
+                             compile=args.compile, **options)
+    if args.float8:  # torchao's float8 training on every linear layer but the output projection
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(model, module_filter_fn=lambda module, name: name != "output")
     needs_reference = mode in ("torchtune", "padded", "fused", "precomputed", "packed", "all")
-    reference = setup_fsdp_model(cfg_model, state_dict, trainable=False, **options) if needs_reference else None
+    # A LoRA policy is its own reference with the adapters off (as the recipes do); the benchmark keeps the
+    # second model for every mode alike, so the ratios compare the steps, not the set-ups.
+    reference = setup_fsdp_model(cfg_model, state_dict, trainable=False, compile=args.compile, **options) \
+        if needs_reference else None
     del state_dict
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=False)
     loss_fn = RAOLoss(beta=0.1, z0=0.0) if args.loss == "rao" else DPOLoss(beta=0.1, pairs="best_vs_worst")
 
     def to_device(batch: dict) -> dict:
@@ -269,7 +291,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         loss = step_loss(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the recipes (and trl) do
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the recipes (and trl) do
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -284,15 +306,23 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "memory_after_setup_gib": memory_after_setup,
         "lifetime_peak_memory_gib": max(setup_peak, peak_memory_gib(device)),
         "first_loss": losses[0],
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-def summarise(runs: list[dict]) -> dict[str, float]:
+def summarise(runs: list[dict], peak_tflops: float | None = None) -> dict[str, float]:
+    """Medians and sums over every timed step of every round. ``useful_mfu`` (with the device's ``peak_tflops``)
+    counts 6 x parameters FLOPs per useful token (forward and backward of a dense decoder, attention's own
+    FLOPs and the reference's forward left out; with LoRA the same count, though the frozen weights get no
+    gradient): the share of the peak spent on the work a user asked for."""
     step_times = [t for run in runs for t in run["step_times"]]
     useful = sum(n for run in runs for n in run["useful_tokens_per_step"])
     processed = sum(n for run in runs for n in run["processed_tokens_per_step"])
+    parameters = runs[0].get("parameters")
     return {
+        "useful_mfu": 6 * parameters * useful / sum(step_times) / (peak_tflops * 1e12)
+        if peak_tflops and parameters else None,
         "median_step_s": statistics.median(step_times),
         "useful_tokens_per_s": useful / sum(step_times),
         "processed_per_useful": processed / useful,
@@ -317,7 +347,8 @@ def markdown_table(summaries: dict[str, dict], base: str) -> str:
             ratios = [f"{s['median_step_s'] / reference['median_step_s']:.2f}",
                       f"{s['useful_tokens_per_s'] / reference['useful_tokens_per_s']:.2f}",
                       f"{s['peak_memory_gib'] / reference['peak_memory_gib']:.2f}"]
-        lines.append(f"| {mode} | {s['median_step_s']:.3f} | {s['useful_tokens_per_s']:.0f} | "
+        mfu = f" (MFU {s['useful_mfu']:.1%})" if s.get("useful_mfu") is not None else ""
+        lines.append(f"| {mode} | {s['median_step_s']:.3f} | {s['useful_tokens_per_s']:.0f}{mfu} | "
                      f"{s['processed_per_useful']:.2f} | {s['peak_memory_gib']:.2f} | {s['growth_gib']:.2f} | "
                      f"{s['lifetime_peak_memory_gib']:.2f} | "
                      + " | ".join(ratios) + " |")
@@ -330,6 +361,8 @@ def trl_available() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="an HF Llama/Qwen2 folder (e.g. SmolLM2-135M-Instruct's): its shape and weights")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--k", type=int, default=2, help="responses per prompt")
     parser.add_argument("--prompts", type=int, default=2, help="prompts per step (micro-batch)")
@@ -350,6 +383,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (torchtune's way)")
+    parser.add_argument("--float8", action="store_true", help="torchao float8 training of the linear layers (CUDA, sm89+)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full training)")
+    parser.add_argument("--qlora", action="store_true", help="with --lora-rank: NF4-quantized base weights")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak (H100 SXM bf16: 989) for the useful-MFU column")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the summaries and raw runs as JSON")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
@@ -365,19 +404,28 @@ def main() -> None:
     if "trl" in modes and not trl_available():
         print("trl is not installed (pip install trl==1.16.0): its mode is skipped", file=sys.stderr)
         modes.remove("trl")
-    if "trl" in modes and (args.device, args.dtype, args.activation_checkpointing) != ("cpu", "fp32", False):
+    if "trl" in modes and ((args.device, args.dtype, args.activation_checkpointing) != ("cpu", "fp32", False)
+                           or args.compile or args.float8 or args.lora_rank):
         print("the trl mode runs CPU fp32 without checkpointing only: skipped", file=sys.stderr)
         modes.remove("trl")
     skipped = sorted(set(args.modes) - set(modes))
     from rao_tune.toy.assets import build_llama3_checkpoint
 
+    if args.checkpoint_dir:  # the folder's shape and weights; the shape flags are ignored
+        from rao_tune.models.hf_model import read_hf_config
+
+        config = read_hf_config(args.checkpoint_dir)
+        args.vocab, args.layers, args.dim = config["vocab_size"], config["num_hidden_layers"], config["hidden_size"]
     with tempfile.TemporaryDirectory(prefix="rao_bench_") as scratch:
         checkpoint = Path(scratch) / "model"
-        model_kwargs = build_llama3_checkpoint(
-            checkpoint, args.vocab, seed=args.seed, num_layers=args.layers, embed_dim=args.dim, num_heads=args.heads,
-            num_kv_heads=args.kv_heads, intermediate_dim=args.intermediate, max_seq_len=args.max_seq_len,
-            bos_token_id=BOS, eos_token_id=EOS,
-        )
+        if args.checkpoint_dir:
+            checkpoint, model_kwargs = args.checkpoint_dir.resolve(), None
+        else:
+            model_kwargs = build_llama3_checkpoint(
+                checkpoint, args.vocab, seed=args.seed, num_layers=args.layers, embed_dim=args.dim,
+                num_heads=args.heads, num_kv_heads=args.kv_heads, intermediate_dim=args.intermediate,
+                max_seq_len=args.max_seq_len, bos_token_id=BOS, eos_token_id=EOS,
+            )
         batches = make_workload(vocab=args.vocab, k=args.k, prompts=args.prompts, steps=args.warmup + args.steps,
                                 max_tokens=args.max_tokens, seed=args.seed)
         workload = Path(scratch) / "workload.json"
@@ -396,8 +444,12 @@ def main() -> None:
                     command = [
                         sys.executable, __file__, "--worker", mode, *common, "--loss", args.loss,
                         "--device", args.device, "--dtype", args.dtype, "--chunk-tokens", str(args.chunk_tokens),
+                        "--max-seq-len", str(args.max_seq_len),
                         *(["--max-row-tokens", str(args.max_row_tokens)] if args.max_row_tokens else []),
                         *(["--activation-checkpointing"] if args.activation_checkpointing else []),
+                        *(["--compile"] if args.compile else []), *(["--float8"] if args.float8 else []),
+                        *(["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
+                        *(["--qlora"] if args.qlora else []),
                     ]
                 started = time.perf_counter()
                 result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
@@ -409,9 +461,12 @@ def main() -> None:
                       f"{statistics.median(run['step_times']):.3f} s ({time.perf_counter() - started:.0f} s)",
                       file=sys.stderr)
 
-    summaries = {mode: summarise(mode_runs) for mode, mode_runs in runs.items()}
+    summaries = {mode: summarise(mode_runs, args.peak_tflops) for mode, mode_runs in runs.items()}
     settings = (f"vocab {args.vocab}, k = {args.k}, {args.prompts} prompts per step, max {args.max_tokens} tokens, "
                 f"{args.layers} layers, dim {args.dim}, {args.dtype} on {args.device}, loss {args.loss}, "
+                f"{'activation checkpointing, ' if args.activation_checkpointing else ''}"
+                f"{'compiled, ' if args.compile else ''}{'float8, ' if args.float8 else ''}"
+                f"{f'LoRA rank {args.lora_rank}, ' if args.lora_rank else ''}{'NF4 base, ' if args.qlora else ''}"
                 f"{args.rounds} rounds x {args.steps} timed steps per mode")
     print(f"\n{settings}" + (f"; skipped: {', '.join(skipped)}" if skipped else "") + "\n")
     print(markdown_table(summaries, base="padded"))

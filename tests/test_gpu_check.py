@@ -1,0 +1,41 @@
+"""The prepared GPU check (scripts/gpu_check.py) in its small CPU mode: every section runs and its figures are
+sane, so the script is ready when a GPU session comes."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def test_gpu_check_small_mode_runs_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    finished = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "gpu_check.py"), "--small", "--device", "cpu",
+                               "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = json.loads(out.read_text())
+
+    # Packed prefix-shared rows give the padded rows' log-probs (other kernels and sums: a tolerance, fp32);
+    # flex attention needs CUDA and says so.
+    packed = results["packed_attention"]
+    assert packed["sequences"] == 6
+    assert packed["dense_sdpa"]["max_abs_difference_vs_padded"] < 1e-3
+    assert packed["flex_block_mask"].startswith("skipped")
+
+    fused = results["fused_logprobs"]
+    assert fused["largest_sequence_logp"] > 100  # hundreds of tokens: a difference is measured at a real scale
+    assert fused["fused_fp32_max_abs_difference"] < 1e-5 * fused["largest_sequence_logp"]
+    assert 0 < fused["fused_bf16_max_relative_difference"] < 1e-2
+
+    generation = results["generation"]
+    assert generation["tokens_per_second"] == generation["batch"] * generation["new_tokens"] / generation["decode_seconds"]
+
+    steps = results["steps"]
+    assert "error" not in steps
+    assert set(steps["eager"]) >= {"torchtune", "all", "sft_fused"}
+    assert all(steps["eager"][mode]["useful_tokens_per_s"] > 0 for mode in ("torchtune", "all", "sft_fused"))
+    # Our packed path processes each prompt once and no padding; torchtune's DPO rows repeat prompts and pad.
+    assert 1.0 <= steps["eager"]["all"]["processed_per_useful"] < steps["eager"]["torchtune"]["processed_per_useful"]
+    assert steps["qlora"]["all"]["useful_tokens_per_s"] > 0
+    assert steps["compiled"].startswith("skipped") and steps["float8"].startswith("skipped")
