@@ -39,3 +39,23 @@ def test_gpu_check_small_mode_runs_every_section(tmp_path):
     assert 1.0 <= steps["eager"]["all"]["processed_per_useful"] < steps["eager"]["torchtune"]["processed_per_useful"]
     assert steps["qlora"]["all"]["useful_tokens_per_s"] > 0
     assert steps["compiled"].startswith("skipped") and steps["float8"].startswith("skipped")
+
+
+def test_benchmark_runs_on_an_hf_folder_as_it_is(tmp_path):
+    """--checkpoint-dir: the benchmark takes an HF Llama folder's shape and weights (rao_tune.models.hf_model), so
+    it can measure a real checkpoint such as SmolLM2-135M-Instruct's; here a random 2-layer folder of vocab 300."""
+    from rao_tune.toy.assets import build_llama3_checkpoint
+
+    folder = tmp_path / "hf"
+    build_llama3_checkpoint(folder, 300, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
+                            intermediate_dim=128, max_seq_len=2048, bos_token_id=1, eos_token_id=2)
+    out = tmp_path / "bench.json"
+    finished = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "benchmark_efficiency.py"), "--checkpoint-dir", str(folder),
+         "--modes", "torchtune", "all", "--rounds", "1", "--steps", "1", "--max-tokens", "256", "--max-seq-len",
+         "2048", "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["vocab"] == 300 and report["settings"]["layers"] == 2  # read from config.json
+    assert report["runs"]["all"][0]["parameters"] == report["runs"]["torchtune"][0]["parameters"] > 0
+    assert report["summaries"]["all"]["useful_tokens_per_s"] > 0
