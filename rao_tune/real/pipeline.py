@@ -181,7 +181,7 @@ class Pipeline:
         loss_id = hashlib.sha256(loss.encode()).hexdigest()[:8]
         name = "_".join([method, annotations, *[f"{k}-{v}" for k, v in setting], loss_id])
         out = self.out / "runs" / name
-        epochs = self.cfg.scale.align_epochs
+        epochs = int(dict(setting).get("epochs", self.cfg.scale.align_epochs))  # a grid may vary the epochs
         final_dir = out / f"epoch_{epochs - 1}"
         # The shipped LoRA RAO config with the method's whole loss section (an override would merge into RAO's).
         config = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "smollm2_135m_rao_lora.yaml")
@@ -193,8 +193,8 @@ class Pipeline:
             "rao_distributed", config_path, *self.common, *NO_DATA_DIR, "overwrite=True", f"output_dir={out}",
             f"dataset.data_files={self.annotations[annotations]}", "dataset.on_bad_row=drop",
             f"dataset.max_seq_len={self.cfg.scale.max_seq_len}", "dataset.standardize_rewards=True",
-            f"epochs={epochs}", f"batch_size={self.cfg.scale.align_batch_size}",
-            *[f"{key}={value}" for key, value in setting]))
+            f"batch_size={self.cfg.scale.align_batch_size}",
+            *[f"{key}={value}" for key, value in {"epochs": epochs, **dict(setting)}.items()]))
         scores = self.evaluate(out, final_dir, name)
         steps = read_metrics(out)
         trained = [steps[s] for s in sorted(steps) if "loss" in steps[s]]
