@@ -127,10 +127,11 @@ def test_pipeline_runs_end_to_end_on_smollm2_and_refuses_other_settings(tmp_path
     cfg.out, cfg.model_dir, cfg.annotations = str(tmp_path / "run"), str(smollm2_dir), ["checker"]
     cfg.scale.update(train_prompts=8, validation_prompts=2, test_prompts=2, samples_per_prompt=2, max_new_tokens=16,
                      sample_batch_size=8, align_batch_size=2)
-    cfg.methods = {"RAO": {**cfg.methods.RAO, "grid": {"optimizer.lr": [5e-4]}}}
+    cfg.methods = {"RAO": {**cfg.methods.RAO, "grid": {"optimizer.lr": [5e-4], "epochs": [1]}}}
     report = run(cfg, log=lambda message: None)
     assert list(report["methods"]) == ["RAO (checker)"]
     row = report["methods"]["RAO (checker)"]
+    assert row["setting"] == {"optimizer.lr": 5e-4, "epochs": 1} and "_epochs-1_" in row["chosen"]
     assert row["vs_start_reward"]["mean"] == pytest.approx(row["test_reward"] - report["start"]["test_reward"])
     assert "| RAO (checker) |" in (tmp_path / "run" / "report.md").read_text()
     seen = []
