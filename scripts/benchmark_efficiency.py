@@ -416,6 +416,8 @@ def main() -> None:
 
         config = read_hf_config(args.checkpoint_dir)
         args.vocab, args.layers, args.dim = config["vocab_size"], config["num_hidden_layers"], config["hidden_size"]
+        args.heads, args.intermediate = config["num_attention_heads"], config["intermediate_size"]
+        args.kv_heads = config.get("num_key_value_heads", args.heads)
     with tempfile.TemporaryDirectory(prefix="rao_bench_") as scratch:
         checkpoint = Path(scratch) / "model"
         if args.checkpoint_dir:

@@ -56,6 +56,8 @@ def test_benchmark_runs_on_an_hf_folder_as_it_is(tmp_path):
          "2048", "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["settings"]["vocab"] == 300 and report["settings"]["layers"] == 2  # read from config.json
+    settings = report["settings"]  # read from config.json, not the shape flags' defaults
+    assert (settings["vocab"], settings["layers"], settings["dim"], settings["heads"], settings["kv_heads"],
+            settings["intermediate"]) == (300, 2, 64, 4, 2, 128)
     assert report["runs"]["all"][0]["parameters"] == report["runs"]["torchtune"][0]["parameters"] > 0
     assert report["summaries"]["all"]["useful_tokens_per_s"] > 0

@@ -307,7 +307,7 @@ def test_smollm2_greedy_generation_equals_transformers(smollm2_dir, tmp_path):
                                    stop_tokens=tokenizer.stop_tokens, device=torch.device("cpu"), dtype=torch.float32)[0]
         with torch.no_grad():
             generated = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
-        theirs_new = [t for t in generated.tolist()]
+        theirs_new = generated.tolist()
         theirs_new = theirs_new[: theirs_new.index(2)] if 2 in theirs_new else theirs_new
         assert ours_new == theirs_new, (question, tokenizer.decode(ours_new), tokenizer.decode(theirs_new))
     with pytest.raises(ValueError, match="occurs inside a prompt"):
