@@ -4,6 +4,7 @@ and WandBLogger (offline), and scripts/compare_runs.py compares the three runs."
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torchtune.training.metric_logging import DiskLogger
 
-from rao_tune.training.metrics import METRICS_FILE, MetricsFileLogger, read_disk_log, read_metrics
+from rao_tune.training.metrics import (METRICS_FILE, MetricsFileLogger, instantiate_metric_logger, read_disk_log,
+                                       read_metrics)
 from rao_tune.training.preflight import check_output_dir
 
 from conftest import REPO_ROOT
@@ -147,3 +149,22 @@ def test_the_metrics_file_belongs_to_the_run(tmp_path):
     cfg.overwrite = True
     assert check_output_dir(cfg) is None
     assert not (run / METRICS_FILE).exists()
+
+
+def test_every_start_in_the_same_second_gets_its_own_disk_log(monkeypatch, tmp_path):
+    """torchtune names a DiskLogger file by the second it started and appends to it, so a requeued job or an
+    overwrite within one second (what a fast machine does) would share a file; ours add ``_1``, ``_2``, and are
+    read back in start order."""
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.7)
+    cfg = OmegaConf.create({"_component_": f"{LOGGERS}.DiskLogger", "log_dir": str(tmp_path / "logs")})
+    for step, loss in enumerate((0.5, 0.4, 0.3), start=1):
+        logger = instantiate_metric_logger(cfg)
+        logger.log_dict({"loss": loss}, step=step if step < 3 else 2)  # the third start logs step 2 again
+        logger.close()
+    assert sorted(path.name for path in (tmp_path / "logs").iterdir()) == [
+        "log_1800000000.txt", "log_1800000000_1.txt", "log_1800000000_2.txt"]
+    assert read_disk_log(tmp_path / "logs") == {1: {"loss": 0.5}, 2: {"loss": 0.3}}
+    # A configured filename is kept as it is (torchtune appends to it).
+    named = instantiate_metric_logger(OmegaConf.merge(cfg, {"filename": "mine.txt"}))
+    named.close()
+    assert (tmp_path / "logs" / "mine.txt").exists()

@@ -9,12 +9,14 @@ import math
 import re
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torchtune import config
 from torchtune.training.metric_logging import MetricLoggerInterface
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,30 @@ def _plain_float(value: Any) -> float:
     return float(value.item() if hasattr(value, "item") else value)
 
 
+DISK_LOGGER = "torchtune.training.metric_logging.DiskLogger"
+
+
+def disk_log_name(log_dir: str | Path) -> str:
+    """``log_<unix time>.txt`` as torchtune's ``DiskLogger`` names it, with ``_1``, ``_2``... added when a
+    start in the same second already wrote that file: torchtune's name has one-second resolution and appends,
+    so two starts within a second (an overwrite, a requeued job, two runs sharing a log folder) would otherwise
+    share one file."""
+    stem = f"log_{int(time.time())}"
+    name, copies = f"{stem}.txt", 0
+    while (Path(log_dir) / name).exists():
+        copies += 1
+        name = f"{stem}_{copies}.txt"
+    return name
+
+
+def instantiate_metric_logger(logger_cfg: DictConfig) -> MetricLoggerInterface:
+    """The configured metric logger; a ``DiskLogger`` without a ``filename`` gets :func:`disk_log_name`, so
+    every start of a run writes its own file."""
+    if logger_cfg.get("_component_") == DISK_LOGGER and not logger_cfg.get("filename"):
+        logger_cfg = OmegaConf.merge(logger_cfg, {"filename": disk_log_name(logger_cfg.log_dir)})
+    return config.instantiate(logger_cfg)
+
+
 class MetricsFileLogger(MetricLoggerInterface):
     """The configured torchtune metric logger (disk, TensorBoard, W&B, ...), plus :class:`MetricsFile`: every
     call reaches the configured logger unchanged, so our tools read any run's metrics the same way."""
@@ -234,9 +260,14 @@ def read_disk_log(log_dir: str | Path) -> dict[int, dict[str, float]]:
     """``{step: {metric: value}}`` from the files torchtune's ``DiskLogger`` wrote into ``log_dir``.
 
     Lines of the same step (e.g. training metrics, then held-out ones) merge. A resumed run writes a new
-    ``log_<unix time>.txt``; files are read oldest first, so a metric logged twice keeps its latest value.
+    ``log_<unix time>[_<n>].txt`` (:func:`disk_log_name`); files are read oldest first, so a metric logged
+    twice keeps its latest value.
     """
-    log_files = sorted(Path(log_dir).glob("log_*.txt"), key=lambda path: int(path.stem.split("_")[1]))
+    def start_order(path: Path) -> tuple[int, int]:
+        _, started, *copy = path.stem.split("_")
+        return int(started), int(copy[0]) if copy else 0
+
+    log_files = sorted(Path(log_dir).glob("log_*.txt"), key=start_order)
     if not log_files:
         raise FileNotFoundError(f"no DiskLogger file (log_*.txt) in {log_dir}")
     steps: dict[int, dict[str, float]] = {}

@@ -34,7 +34,7 @@ from rao_tune.training.checkpoint import (
 from rao_tune.training.distributed import init_distributed
 from rao_tune.training.lora import AdapterExport, lora_settings
 from rao_tune.training.loop import build_dataloader, guarded_optimizer_step, setup_optimizer, steps_per_epoch
-from rao_tune.training.metrics import METRICS_FILE, MetricsFileLogger, memory_stats
+from rao_tune.training.metrics import METRICS_FILE, MetricsFileLogger, instantiate_metric_logger, memory_stats
 from rao_tune.training.model import setup_fsdp_model
 from rao_tune.training.preflight import (
     COMMON_KEYS,
@@ -93,7 +93,7 @@ class DistributedRecipe:
         """The configured torchtune metric logger, also writing ``output_dir/metrics.jsonl``: our tools
         (compare_runs, benchmarks, the toy study) read that whichever logger the config names."""
         if self._is_rank_zero:
-            configured = config.instantiate(cfg.metric_logger)
+            configured = instantiate_metric_logger(cfg.metric_logger)
             self._metric_logger = MetricsFileLogger(configured, self._output_dir / METRICS_FILE)
             self._metric_logger.log_config(cfg)
 
