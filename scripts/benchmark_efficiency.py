@@ -25,6 +25,13 @@ padding: the work a user asked for. Collation happens before timing, for every m
     python scripts/benchmark_efficiency.py --vocab 128256 --k 2 --rounds 3
     python scripts/benchmark_efficiency.py --vocab 32000 --k 4 --modes padded all sft_fused
 
+``--optimizers`` runs each mode with each optimizer, interleaved too (rows ``mode [optimizer]``): ``adamw`` (torch's,
+the default), ``adamw8bit`` (torchao's 8-bit states), each optionally ``+in_bwd`` (stepped inside backward,
+``optimizer_in_bwd=True``: no gradient clipping there). ``--lr`` sets their learning rate; each row's ``losses``
+in the JSON are its per-step losses on the same batches, the optimizers' effect on the loss curve.
+
+    python scripts/benchmark_efficiency.py --modes all --optimizers adamw adamw+in_bwd adamw8bit adamw8bit+in_bwd
+
 Peak memory in steps is the process's resident high-water mark from the end of set-up to the last step on CPU
 (everything: Python, the model, optimizer state, activations), the allocator's peak on CUDA; ``growth`` is how far
 it rose above its level after set-up; the lifetime peak includes set-up (loading, the reference precomputation).
@@ -33,6 +40,7 @@ it rose above its level after set-up; the lifetime peak includes set-up (loading
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import json
@@ -53,6 +61,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 MODES = ("torchtune", "padded", "fused", "precomputed", "packed", "all", "sft_torchtune", "sft_fused", "trl")
+OPTIMIZERS = ("adamw", "adamw+in_bwd", "adamw8bit", "adamw8bit+in_bwd")
 PAIRWISE_ONLY = ("torchtune", "trl")  # chosen/rejected: k = 2 and the DPO loss
 BOS, EOS = 1, 2
 
@@ -146,6 +155,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from rao_tune.training.distributed import init_distributed
     from rao_tune.training.logprobs import segment_sums, sequence_logps
     from rao_tune.training.model import setup_fsdp_model
+    from rao_tune.training.optim_in_backward import OptimizerInBackward
 
     mode = args.worker
     device = torch.device(args.device)
@@ -186,7 +196,15 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         if needs_reference else None
     del state_dict
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=False)
+    optimizer_name, _, in_backward = args.optimizer.partition("+")
+    if optimizer_name == "adamw8bit":
+        from torchao.optim import AdamW8bit as optimizer_class
+    else:
+        optimizer_class = functools.partial(torch.optim.AdamW, fused=False)
+    if in_backward:  # as optimizer_in_bwd=True: each parameter steps in backward, its gradient freed
+        optimizer = OptimizerInBackward([{"params": trainable}], lambda groups: optimizer_class(groups, lr=args.lr))
+    else:
+        optimizer = optimizer_class(trainable, lr=args.lr)
     loss_fn = RAOLoss(beta=0.1, z0=0.0) if args.loss == "rao" else DPOLoss(beta=0.1, pairs="best_vs_worst")
 
     def to_device(batch: dict) -> dict:
@@ -291,7 +309,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         loss = step_loss(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the recipes (and trl) do
+        if not in_backward:  # (a step in backward cannot clip: the recipes refuse clip_grad_norm with it)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the recipes (and trl) do
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -306,6 +325,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "memory_after_setup_gib": memory_after_setup,
         "lifetime_peak_memory_gib": max(setup_peak, peak_memory_gib(device)),
         "first_loss": losses[0],
+        "losses": losses,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
@@ -330,6 +350,8 @@ def summarise(runs: list[dict], peak_tflops: float | None = None) -> dict[str, f
         "growth_gib": statistics.median(run["peak_memory_gib"] - run["memory_after_setup_gib"] for run in runs),
         "lifetime_peak_memory_gib": statistics.median(run["lifetime_peak_memory_gib"] for run in runs),
         "timed_steps": len(step_times),
+        # The same batches in every row: the mean over every step (warm-up included) compares optimizers' curves.
+        "mean_loss": statistics.mean(loss for run in runs for loss in run["losses"]) if "losses" in runs[0] else None,
     }
 
 
@@ -337,8 +359,8 @@ def markdown_table(summaries: dict[str, dict], base: str) -> str:
     lines = [
         f"| mode | median step (s) | useful tokens/s | tokens processed per useful token | peak memory in steps (GiB) | "
         f"growth in steps (GiB) | peak incl. set-up (GiB) | step time / {base} | tokens/s / {base} | "
-        f"peak memory in steps / {base} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"peak memory in steps / {base} | mean loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     reference = summaries.get(base)
     for mode, s in summaries.items():
@@ -348,10 +370,10 @@ def markdown_table(summaries: dict[str, dict], base: str) -> str:
                       f"{s['useful_tokens_per_s'] / reference['useful_tokens_per_s']:.2f}",
                       f"{s['peak_memory_gib'] / reference['peak_memory_gib']:.2f}"]
         mfu = f" (MFU {s['useful_mfu']:.1%})" if s.get("useful_mfu") is not None else ""
+        mean_loss = f"{s['mean_loss']:.4f}" if s.get("mean_loss") is not None else ""
         lines.append(f"| {mode} | {s['median_step_s']:.3f} | {s['useful_tokens_per_s']:.0f}{mfu} | "
                      f"{s['processed_per_useful']:.2f} | {s['peak_memory_gib']:.2f} | {s['growth_gib']:.2f} | "
-                     f"{s['lifetime_peak_memory_gib']:.2f} | "
-                     + " | ".join(ratios) + " |")
+                     f"{s['lifetime_peak_memory_gib']:.2f} | " + " | ".join(ratios) + f" | {mean_loss} |")
     return "\n".join(lines)
 
 
@@ -389,11 +411,15 @@ def main() -> None:
     parser.add_argument("--qlora", action="store_true", help="with --lora-rank: NF4-quantized base weights")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak (H100 SXM bf16: 989) for the useful-MFU column")
+    parser.add_argument("--optimizers", nargs="+", default=["adamw"], choices=OPTIMIZERS,
+                        help="run each mode with each (rows 'mode [optimizer]' when more than one)")
+    parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the summaries and raw runs as JSON")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -435,10 +461,14 @@ def main() -> None:
 
         common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--workload", str(workload),
                   "--checkpoint", str(checkpoint)]
-        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+        variants = [(mode, optimizer) for mode in modes for optimizer in args.optimizers
+                    if mode != "trl" or optimizer == "adamw"]
+        name = {variant: variant[0] if len(args.optimizers) == 1 else f"{variant[0]} [{variant[1]}]"
+                for variant in variants}
+        runs: dict[str, list[dict]] = {name[variant]: [] for variant in variants}
         for round_index in range(args.rounds):
-            order = modes[round_index % len(modes):] + modes[: round_index % len(modes)]
-            for mode in order:
+            order = variants[round_index % len(variants):] + variants[: round_index % len(variants)]
+            for mode, optimizer in order:
                 if mode == "trl":  # its --steps counts the warm-up steps too
                     command = [sys.executable, str(REPO_ROOT / "scripts" / "benchmark_trl.py"), *common,
                                "--steps", str(args.warmup + args.steps)]
@@ -451,15 +481,15 @@ def main() -> None:
                         *(["--activation-checkpointing"] if args.activation_checkpointing else []),
                         *(["--compile"] if args.compile else []), *(["--float8"] if args.float8 else []),
                         *(["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
-                        *(["--qlora"] if args.qlora else []),
+                        *(["--qlora"] if args.qlora else []), "--optimizer", optimizer, "--lr", str(args.lr),
                     ]
                 started = time.perf_counter()
                 result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
                 if result.returncode != 0:
                     sys.exit(f"mode {mode} failed:\n{result.stderr[-4000:]}")
                 run = json.loads(result.stdout.strip().splitlines()[-1])
-                runs[mode].append(run)
-                print(f"round {round_index + 1}/{args.rounds} {mode}: median step "
+                runs[name[mode, optimizer]].append(run)
+                print(f"round {round_index + 1}/{args.rounds} {name[mode, optimizer]}: median step "
                       f"{statistics.median(run['step_times']):.3f} s ({time.perf_counter() - started:.0f} s)",
                       file=sys.stderr)
 
@@ -469,9 +499,11 @@ def main() -> None:
                 f"{'activation checkpointing, ' if args.activation_checkpointing else ''}"
                 f"{'compiled, ' if args.compile else ''}{'float8, ' if args.float8 else ''}"
                 f"{f'LoRA rank {args.lora_rank}, ' if args.lora_rank else ''}{'NF4 base, ' if args.qlora else ''}"
+                f"{'optimizers ' + ', '.join(args.optimizers) + f' at lr {args.lr}, ' if len(args.optimizers) > 1 else ''}"
                 f"{args.rounds} rounds x {args.steps} timed steps per mode")
     print(f"\n{settings}" + (f"; skipped: {', '.join(skipped)}" if skipped else "") + "\n")
-    print(markdown_table(summaries, base="padded"))
+    base = name.get(("padded", args.optimizers[0]), next(iter(summaries)))
+    print(markdown_table(summaries, base=base))
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "summaries": summaries,
                                         "runs": runs}, indent=2, default=str))

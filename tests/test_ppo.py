@@ -246,3 +246,16 @@ def test_two_processes_decode_in_step_and_answer_the_held_out_prompts_like_one(
         assert two[0][name] == pytest.approx(one[0][name], rel=1e-5, abs=1e-6), name
     assert sorted(step for step in two if step > 0) == [1, 2] and all(math.isfinite(two[s]["loss"]) for s in (1, 2))
     assert two[1]["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ppo_with_the_step_in_backward_trains_like_plain_adamw(monkeypatch, tmp_path, tiny_assets, reward_model_dir):
+    """Two parameter groups (policy, value at its own lr) and several updates per step, each stepping inside its
+    backward: the same losses and KL as plain AdamW, up to float rounding (per-parameter vs foreach AdamW)."""
+    short = ["max_steps_per_epoch=3", "optimizer.lr=3e-3", "clip_grad_norm=null"]
+    run(monkeypatch, tiny_assets, reward_model_dir, tmp_path / "plain", *short)
+    run(monkeypatch, tiny_assets, reward_model_dir, tmp_path / "in_backward", *short, "optimizer_in_bwd=True")
+    plain, in_backward = read_disk_log(tmp_path / "plain" / "logs"), read_disk_log(tmp_path / "in_backward" / "logs")
+    assert plain[3]["kl"] != 0.0  # the policy moved
+    for step in (1, 2, 3):
+        for metric in ("loss", "kl", "value_loss", "lr", "lr_value"):
+            assert in_backward[step][metric] == pytest.approx(plain[step][metric], rel=1e-3, abs=1e-6), (step, metric)

@@ -35,6 +35,7 @@ from torchtune import training, utils
 
 from rao_tune.files import fsync_tree, replace_dir, torch_save_atomically
 from rao_tune.training.lora import ADAPTER_DIR, AdapterExport
+from rao_tune.training.optim_in_backward import checkpointed_optimizers
 
 log = utils.get_logger("INFO")
 
@@ -120,7 +121,7 @@ class StepCheckpointer:
             partial.mkdir(parents=True)
         self._swept = True
         _barrier()
-        model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINED_ONLY)
+        model_state, optimizer_state = get_state_dict(model, checkpointed_optimizers(optimizer), options=_TRAINED_ONLY)
         torch_save_atomically(_rng_state(), partial / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             trainer_state = {"lr_scheduler": lr_scheduler.state_dict(), "progress": asdict(progress), **run_settings}
@@ -162,13 +163,16 @@ class StepCheckpointer:
     ) -> tuple[Progress, dict[str, Any]]:
         """Restore model, optimizer, schedule and this process's RNG from ``checkpoint``; return the progress and
         the run settings it was written with."""
-        model_state, optimizer_state = get_state_dict(model, optimizer, options=_TRAINED_ONLY)  # (creates the optimizer's state)
+        model_state, optimizer_state = get_state_dict(model, checkpointed_optimizers(optimizer), options=_TRAINED_ONLY)  # (creates the optimizer's state)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=str(checkpoint))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        set_state_dict(model, checkpointed_optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
         trainer_state = read_trainer_state(checkpoint)
         lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        # The schedule's lr, also where DCP restores none (an OptimizerInBackward's own groups).
+        for group, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
+            group["lr"] = lr
         rng_path = Path(checkpoint) / f"rng_rank{self.rank}.pt"
         _set_rng_state(torch.load(rng_path, weights_only=False))  # our own file: numpy's state is not a tensor
         return Progress(**trainer_state["progress"]), trainer_state

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchtune import config
 
 from rao_tune.training.distributed import all_reduce_sum
+from rao_tune.training.optim_in_backward import OptimizerInBackward
 
 
 class ResumableSampler(DistributedSampler):
@@ -71,9 +72,15 @@ def setup_optimizer(
     cfg: DictConfig, model: nn.Module, *, total_steps: int, param_groups: Optional[list[dict[str, Any]]] = None
 ) -> tuple[torch.optim.Optimizer, Any]:
     """Optimizer and LR schedule from ``cfg.optimizer`` / ``cfg.lr_scheduler``, at step 0 (a resumed run loads
-    both states from its step checkpoint), over ``param_groups`` (default: one group, the trainable parameters)."""
+    both states from its step checkpoint), over ``param_groups`` (default: one group, the trainable parameters).
+    ``optimizer_in_bwd=True``: the configured optimizer per parameter, stepped inside backward
+    (:class:`~rao_tune.training.optim_in_backward.OptimizerInBackward`)."""
     params = param_groups or [param for param in model.parameters() if param.requires_grad]
-    optimizer = config.instantiate(cfg.optimizer, params)
+    if cfg.get("optimizer_in_bwd", False):
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        optimizer = OptimizerInBackward(groups, lambda group: config.instantiate(cfg.optimizer, group))
+    else:
+        optimizer = config.instantiate(cfg.optimizer, params)
     lr_scheduler = config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=total_steps)
     return optimizer, lr_scheduler
 

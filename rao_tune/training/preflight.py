@@ -40,7 +40,7 @@ COMMON_KEYS = frozenset({
     "clip_grad_norm", "log_every_n_steps", "resume_from_checkpoint", "overwrite", "metric_logger", "checkpointer",
     "model", "tokenizer", "dataset", "optimizer", "lr_scheduler", "batch_size", "shuffle", "loss",
     "enable_activation_checkpointing", "fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers",
-    "compile", "save_every_n_steps", "keep_last_n", "async_checkpoint",
+    "compile", "save_every_n_steps", "keep_last_n", "async_checkpoint", "optimizer_in_bwd",
 })
 _AT_LEAST_ONE = ("epochs", "batch_size", "gradient_accumulation_steps")
 _NONE_OR_AT_LEAST_ONE = ("max_steps_per_epoch", "save_every_n_steps", "keep_last_n", "log_every_n_steps",
@@ -76,6 +76,13 @@ def check_config(cfg: DictConfig, known_keys: Iterable[str], recipe_name: str) -
     for key in _NONE_OR_AT_LEAST_ONE:
         if cfg.get(key) is not None and not (isinstance(cfg[key], int) and cfg[key] >= 1):
             raise ValueError(f"config: {key} must be null or an integer >= 1, got {cfg[key]!r}")
+    if cfg.get("optimizer_in_bwd", False):
+        if cfg.get("clip_grad_norm") is not None:
+            raise ValueError("config: optimizer_in_bwd=True steps each parameter inside backward, before every "
+                             "gradient's norm is known: set clip_grad_norm=null")
+        if cfg.get("gradient_accumulation_steps", 1) != 1:
+            raise ValueError("config: optimizer_in_bwd=True steps after every backward: set gradient_accumulation_steps=1 "
+                             "(raise batch_size instead)")
     device = str(cfg.get("device", "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"config: device={device} but no CUDA GPU is visible to this process; use device=cpu")
