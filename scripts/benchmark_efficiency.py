@@ -14,7 +14,8 @@ Modes (the same model, workload and optimizer; each mode runs in its own process
                    rows, ``CEWithChunkedOutputLoss``): the floor a preference step is compared with
     sft_fused      an SFT step on rao-tune's path (packed + fused), over the same responses
     trl            trl's ``DPOTrainer`` on the same HF checkpoint and token ids (k = 2, when trl is installed;
-                   ``scripts/benchmark_trl.py``)
+                   ``scripts/benchmark_trl.py``), its defaults but fp32 and checkpointing as the other modes
+    trl_precomputed  the same with ``precompute_ref_log_probs=True``, trl's saving that runs on CPU
 
 The workload has UltraFeedback-like lengths (prompts 20-500 tokens, responses 50-800, long-tailed), ``--prompts``
 prompts with ``--k`` responses each per step, sequences of at most ``--max-tokens``. Every mode runs the same
@@ -60,9 +61,11 @@ from typing import Any, Callable
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-MODES = ("torchtune", "padded", "fused", "precomputed", "packed", "all", "sft_torchtune", "sft_fused", "trl")
+MODES = ("torchtune", "padded", "fused", "precomputed", "packed", "all", "sft_torchtune", "sft_fused", "trl",
+         "trl_precomputed")
 OPTIMIZERS = ("adamw", "adamw+in_bwd", "adamw8bit", "adamw8bit+in_bwd")
-PAIRWISE_ONLY = ("torchtune", "trl")  # chosen/rejected: k = 2 and the DPO loss
+TRL_MODES = ("trl", "trl_precomputed")
+PAIRWISE_ONLY = ("torchtune", *TRL_MODES)  # chosen/rejected: k = 2 and the DPO loss
 BOS, EOS = 1, 2
 
 
@@ -73,7 +76,7 @@ def ultrafeedback_like_length(rng: random.Random, median: float, sigma: float, l
 
 def make_workload(*, vocab: int, k: int, prompts: int, steps: int, max_tokens: int, seed: int) -> list[list[dict]]:
     """``steps`` micro-batches of ``prompts`` prompts with ``k`` responses each: random token ids (t0 = BOS first,
-    EOS last in each response), lengths drawn like UltraFeedback's, distinct rewards."""
+    EOS last in each response), lengths drawn like UltraFeedback's, distinct rewards in decreasing order."""
     rng = random.Random(seed)
     batches = []
     for _ in range(steps):
@@ -85,7 +88,9 @@ def make_workload(*, vocab: int, k: int, prompts: int, steps: int, max_tokens: i
             for _ in range(k):
                 length = min(ultrafeedback_like_length(rng, 250, 0.6, 50, 800), max_tokens - prompt_length)
                 responses.append([rng.randrange(3, vocab) for _ in range(length - 1)] + [EOS])
-            rewards = rng.sample(range(1, 11), k)
+            # Distinct, best first: torchtune's and trl's steps take the first response as the chosen one, so
+            # every mode trains on the same preference (and their losses can be compared).
+            rewards = sorted(rng.sample(range(1, 11), k), reverse=True)
             batch.append({"prompt_tokens": prompt, "response_tokens": responses, "rewards": [float(r) for r in rewards]})
         batches.append(batch)
     return batches
@@ -305,19 +310,27 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     setup_peak = peak_memory_gib(device)
     reset_peak_memory(device)
     step_times, losses = [], []
-    for batch in prepared:
-        started = time.perf_counter()
-        loss = step_loss(batch)
-        loss.backward()
-        if not in_backward:  # (a step in backward cannot clip: the recipes refuse clip_grad_norm with it)
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the recipes (and trl) do
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def train_step(batch: dict) -> float:
+        with torch.profiler.record_function("phase: forward"):
+            loss = step_loss(batch)
+        with torch.profiler.record_function("phase: backward"):
+            loss.backward()
+        with torch.profiler.record_function("phase: optimizer"):
+            if not in_backward:  # (a step in backward cannot clip: the recipes refuse clip_grad_norm with it)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the recipes (and trl) do
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return loss.item()
+
+    for batch in prepared:
+        started = time.perf_counter()
+        losses.append(train_step(batch))
         step_times.append(time.perf_counter() - started)
-        losses.append(loss.item())
+    profile = profile_step(lambda: train_step(prepared[args.warmup]), model, optimizer) if args.profile else None
     return {
+        "profile": profile,
         "step_times": step_times[args.warmup:],
         "useful_tokens_per_step": [useful_tokens(samples) for samples in batches][args.warmup:],
         "processed_tokens_per_step": processed[args.warmup:],
@@ -331,6 +344,74 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the driver
+# Op families of a step's profile, by the first matching substring of an op's name (self time; the rest: "other").
+OP_FAMILIES = (
+    ("attention (SDPA kernels)", ("scaled_dot_product", "flash_attention", "_efficient_attention", "flex_attention")),
+    ("matrix products (projections, MLP, output)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                                                    "aten::_weight_int", "aten::matmul", "aten::linear")),
+    ("softmax / log-softmax", ("softmax",)),
+    ("copies, casts, layout", ("aten::copy_", "aten::to", "aten::contiguous", "aten::clone", "aten::cat",
+                               "aten::index", "aten::gather", "aten::scatter", "aten::masked", "aten::where",
+                               "aten::fill_", "aten::zero_", "aten::empty")),
+    ("element-wise (norms, activations, rotary, AdamW math)", ("aten::mul", "aten::add", "aten::sub", "aten::div",
+                                                              "aten::pow", "aten::rsqrt", "aten::sqrt", "aten::mean",
+                                                              "aten::silu", "aten::sigmoid", "aten::exp", "aten::neg",
+                                                              "aten::lerp", "aten::sum", "_foreach", "aten::addc")),
+)
+
+
+def profile_step(step: Callable[[], float], model, optimizer) -> dict[str, Any]:
+    """One more step under torch.profiler: wall time of forward / backward / optimizer (``record_function``
+    phases; activation checkpointing's recomputation falls in backward), self time by op family, and the bytes
+    of each kind of training state (weights, gradients as large as the trained weights, optimizer state)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = prof.key_averages()
+    # On a GPU the kernels' time (the host only queues them), on CPU the ops' own.
+    total, own = ("device_time_total", "self_device_time_total") if cuda else ("cpu_time_total", "self_cpu_time_total")
+    phases = {event.key.removeprefix("phase: "): getattr(event, total) / 1e6 for event in events
+              if event.key.startswith("phase: ")}
+    families: dict[str, float] = {}
+    others: dict[str, float] = {}
+    for event in events:
+        if event.key.startswith("phase: "):
+            continue
+        family = next((name for name, needles in OP_FAMILIES if any(n in event.key for n in needles)), "other")
+        families[family] = families.get(family, 0.0) + getattr(event, own) / 1e6
+        if family == "other":
+            others[event.key] = getattr(event, own) / 1e6
+    states = [optimizer.state for optimizer in getattr(optimizer, "optimizers", [optimizer])]
+    state_bytes = sum(_tensor_bytes(value) for state in states for per_param in state.values()
+                      for value in per_param.values())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "phases_s": phases,
+        "op_families_self_s": dict(sorted(families.items(), key=lambda item: -item[1])),
+        "largest_other_ops_self_s": dict(sorted(others.items(), key=lambda item: -item[1])[:6]),
+        "state_gib": {"weights": sum(_tensor_bytes(p) for p in model.parameters()) / 2**30,
+                      "gradients (trained weights' size)": sum(_tensor_bytes(p) for p in trained) / 2**30,
+                      "optimizer state": state_bytes / 2**30},
+    }
+
+
+def _tensor_bytes(value) -> int:
+    """Bytes a tensor holds: its local shard for a DTensor, the packed storage of a quantized subclass."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return 0
+    local = value.to_local() if hasattr(value, "to_local") else value
+    if hasattr(local, "__tensor_flatten__") and type(local) is not torch.Tensor:
+        names, _ = local.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(local, name)) for name in names)
+    return local.numel() * local.element_size()
+
+
 def summarise(runs: list[dict], peak_tflops: float | None = None) -> dict[str, float]:
     """Medians and sums over every timed step of every round. ``useful_mfu`` (with the device's ``peak_tflops``)
     counts 6 x parameters FLOPs per useful token (forward and backward of a dense decoder, attention's own
@@ -414,6 +495,11 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="+", default=["adamw"], choices=OPTIMIZERS,
                         help="run each mode with each (rows 'mode [optimizer]' when more than one)")
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--release-freed-memory", action="store_true",
+                        help="CPU: glibc returns every freed block of 64 KiB or more at once (MALLOC_MMAP_THRESHOLD_), "
+                             "so the resident peak follows live tensors (slower steps: time with it off)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step per mode (last round): time by phase and op family, state sizes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the summaries and raw runs as JSON")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
@@ -427,13 +513,14 @@ def main() -> None:
         return
 
     modes = [m for m in args.modes if not (m in PAIRWISE_ONLY and (args.k != 2 or args.loss != "dpo"))]
-    if "trl" in modes and not trl_available():
-        print("trl is not installed (pip install trl==1.16.0): its mode is skipped", file=sys.stderr)
-        modes.remove("trl")
-    if "trl" in modes and ((args.device, args.dtype, args.activation_checkpointing) != ("cpu", "fp32", False)
-                           or args.compile or args.float8 or args.lora_rank):
-        print("the trl mode runs CPU fp32 without checkpointing only: skipped", file=sys.stderr)
-        modes.remove("trl")
+    trl_modes = [mode for mode in modes if mode in TRL_MODES]
+    if trl_modes and not trl_available():
+        print("trl is not installed (pip install trl==1.16.0): its modes are skipped", file=sys.stderr)
+    elif trl_modes and ((args.device, args.dtype) != ("cpu", "fp32") or args.compile or args.float8 or args.lora_rank):
+        print("the trl modes run CPU fp32 full training only: skipped", file=sys.stderr)
+    else:
+        trl_modes = []
+    modes = [mode for mode in modes if mode not in trl_modes]
     skipped = sorted(set(args.modes) - set(modes))
     from rao_tune.toy.assets import build_llama3_checkpoint
 
@@ -462,16 +549,18 @@ def main() -> None:
         common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--workload", str(workload),
                   "--checkpoint", str(checkpoint)]
         variants = [(mode, optimizer) for mode in modes for optimizer in args.optimizers
-                    if mode != "trl" or optimizer == "adamw"]
+                    if mode not in TRL_MODES or optimizer == "adamw"]
         name = {variant: variant[0] if len(args.optimizers) == 1 else f"{variant[0]} [{variant[1]}]"
                 for variant in variants}
         runs: dict[str, list[dict]] = {name[variant]: [] for variant in variants}
         for round_index in range(args.rounds):
             order = variants[round_index % len(variants):] + variants[: round_index % len(variants)]
             for mode, optimizer in order:
-                if mode == "trl":  # its --steps counts the warm-up steps too
+                if mode in TRL_MODES:  # its --steps counts the warm-up steps too
                     command = [sys.executable, str(REPO_ROOT / "scripts" / "benchmark_trl.py"), *common,
-                               "--steps", str(args.warmup + args.steps)]
+                               "--steps", str(args.warmup + args.steps),
+                               *(["--precompute-ref-log-probs"] if mode == "trl_precomputed" else []),
+                               *(["--activation-checkpointing"] if args.activation_checkpointing else [])]
                 else:
                     command = [
                         sys.executable, __file__, "--worker", mode, *common, "--loss", args.loss,
@@ -482,9 +571,13 @@ def main() -> None:
                         *(["--compile"] if args.compile else []), *(["--float8"] if args.float8 else []),
                         *(["--lora-rank", str(args.lora_rank)] if args.lora_rank else []),
                         *(["--qlora"] if args.qlora else []), "--optimizer", optimizer, "--lr", str(args.lr),
+                        *(["--profile"] if args.profile and round_index == args.rounds - 1 else []),
                     ]
                 started = time.perf_counter()
-                result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+                # glibc keeps freed blocks below its adaptive mmap threshold in the heap, so the resident peak
+                # stays high after tensors are freed (e.g. gradients freed in backward); a fixed threshold unmaps them.
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if args.release_freed_memory else None
+                result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
                 if result.returncode != 0:
                     sys.exit(f"mode {mode} failed:\n{result.stderr[-4000:]}")
                 run = json.loads(result.stdout.strip().splitlines()[-1])
@@ -498,12 +591,16 @@ def main() -> None:
                 f"{args.layers} layers, dim {args.dim}, {args.dtype} on {args.device}, loss {args.loss}, "
                 f"{'activation checkpointing, ' if args.activation_checkpointing else ''}"
                 f"{'compiled, ' if args.compile else ''}{'float8, ' if args.float8 else ''}"
+                f"{'freed memory released (MALLOC_MMAP_THRESHOLD_=65536), ' if args.release_freed_memory else ''}"
                 f"{f'LoRA rank {args.lora_rank}, ' if args.lora_rank else ''}{'NF4 base, ' if args.qlora else ''}"
                 f"{'optimizers ' + ', '.join(args.optimizers) + f' at lr {args.lr}, ' if len(args.optimizers) > 1 else ''}"
                 f"{args.rounds} rounds x {args.steps} timed steps per mode")
     print(f"\n{settings}" + (f"; skipped: {', '.join(skipped)}" if skipped else "") + "\n")
     base = name.get(("padded", args.optimizers[0]), next(iter(summaries)))
     print(markdown_table(summaries, base=base))
+    for variant, mode_runs in runs.items():
+        if mode_runs[-1].get("profile"):
+            print(f"\nprofile of {variant}: {json.dumps(mode_runs[-1]['profile'], indent=1)}")
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "summaries": summaries,
                                         "runs": runs}, indent=2, default=str))

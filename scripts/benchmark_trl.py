@@ -83,9 +83,14 @@ def placeholder_tokenizer(vocab_size: int, bos_id: int, eos_id: int):
 
 
 def run_trl_dpo(
-    workload_path: str | Path, checkpoint_dir: str | Path, steps: int, warmup: int, *, threads: int | None = None
+    workload_path: str | Path, checkpoint_dir: str | Path, steps: int, warmup: int, *, threads: int | None = None,
+    precompute_ref_log_probs: bool = False, activation_checkpointing: bool = False,
 ) -> dict:
-    """Train trl's DPO for ``steps`` steps on the workload's first micro-batches; time all but the first ``warmup``."""
+    """Train trl's DPO for ``steps`` steps on the workload's first micro-batches; time all but the first ``warmup``.
+
+    ``precompute_ref_log_probs``: trl's option to score the reference once before training (not timed, as our
+    precomputed modes). trl 1.16's other savings do not apply on CPU: ``padding_free`` "warns and falls back to
+    standard padding" since its DPO refactor, Liger kernels need Triton, ``activation_offloading`` a CUDA stream."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -148,13 +153,13 @@ def run_trl_dpo(
             loss_type=["sigmoid"],
             beta=0.1,
             max_length=None,  # nothing truncated
-            precompute_ref_log_probs=False,
+            precompute_ref_log_probs=precompute_ref_log_probs,
             padding_free=False,
             use_liger_kernel=False,
-            # trl defaults to bf16 autocast and gradient checkpointing; the peers run fp32 without checkpointing.
+            # trl defaults to bf16 autocast and gradient checkpointing; the peers run fp32, checkpointing as asked.
             bf16=False,
             fp16=False,
-            activation_checkpointing=False,  # transformers 5's name; trl's gradient_checkpointing=True follows it
+            activation_checkpointing=activation_checkpointing,  # transformers 5's name for gradient_checkpointing
             use_cpu=True,
             dataloader_num_workers=0,
             eval_strategy="no",
@@ -211,11 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", required=True, type=int, help="optimizer steps, warm-up included")
     parser.add_argument("--warmup", required=True, type=int, help="first steps left out of the timings")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--precompute-ref-log-probs", action="store_true", help="trl's precompute_ref_log_probs=True")
+    parser.add_argument("--activation-checkpointing", action="store_true")
     args = parser.parse_args(argv)
 
     # Libraries print progress and notices to stdout; keep stdout for the one JSON line.
     with contextlib.redirect_stdout(sys.stderr):
-        result = run_trl_dpo(args.workload, args.checkpoint, args.steps, args.warmup, threads=args.threads)
+        result = run_trl_dpo(args.workload, args.checkpoint, args.steps, args.warmup, threads=args.threads,
+                             precompute_ref_log_probs=args.precompute_ref_log_probs,
+                             activation_checkpointing=args.activation_checkpointing)
     print(json.dumps(result))
 
 

@@ -15,7 +15,9 @@ Sections (each prints its figures; a failing section prints its error and the ne
 4. ``steps``: ``scripts/benchmark_efficiency.py`` on Llama-3-8B's layer shape cut to ``--layers`` layers (dim 4096,
    32/8 heads, intermediate 14336, vocabulary 128256), k = 2, DPO, in one interleaved invocation per variant:
    torchtune's DPO step, ours (``all``) and our SFT step; variants eager, compiled (per layer), float8
-   (torchao, linear layers), QLoRA (rank 16, NF4 base, our step only). Useful tokens/s, useful MFU (6 x parameters
+   (torchao, linear layers), QLoRA (rank 16, NF4 base, our step only), and our step per optimizer (AdamW,
+   AdamW stepped in backward, torchao's 8-bit AdamW, both) with one profiled step each (time by phase and
+   kernel family, training state's sizes). Useful tokens/s, useful MFU (6 x parameters
    FLOPs per useful token over ``--peak-tflops``), peak memory.
 
 Every figure also goes to ``--out`` (JSON). Sections that need CUDA (flex attention, compile, float8) say
@@ -168,6 +170,8 @@ def check_steps(device, layer: dict, *, layers: int, small: bool, peak_tflops: f
         "compiled": (["torchtune", "all", "sft_fused"], ["--compile"]),
         "float8": (["all", "sft_fused"], ["--float8"]),
         "qlora": (["all"], ["--lora-rank", "16", "--qlora"]),
+        # The memory floor's levers (optimizer_in_bwd, torchao's 8-bit AdamW), one profiled step each.
+        "optimizers": (["all"], ["--optimizers", "adamw", "adamw+in_bwd", "adamw8bit", "adamw8bit+in_bwd", "--profile"]),
     }
     needs_cuda = {"compiled": "compile takes minutes per layer on CPU", "float8": "float8 matmuls need CUDA sm89+"}
     results: dict[str, Any] = {}

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 
@@ -38,6 +40,8 @@ def test_gpu_check_small_mode_runs_every_section(tmp_path):
     # Our packed path processes each prompt once and no padding; torchtune's DPO rows repeat prompts and pad.
     assert 1.0 <= steps["eager"]["all"]["processed_per_useful"] < steps["eager"]["torchtune"]["processed_per_useful"]
     assert steps["qlora"]["all"]["useful_tokens_per_s"] > 0
+    assert set(steps["optimizers"]) == {"all [adamw]", "all [adamw+in_bwd]", "all [adamw8bit]",
+                                        "all [adamw8bit+in_bwd]", "wall_seconds"}
     assert steps["compiled"].startswith("skipped") and steps["float8"].startswith("skipped")
 
 
@@ -61,3 +65,28 @@ def test_benchmark_runs_on_an_hf_folder_as_it_is(tmp_path):
             settings["intermediate"]) == (300, 2, 64, 4, 2, 128)
     assert report["runs"]["all"][0]["parameters"] == report["runs"]["torchtune"][0]["parameters"] > 0
     assert report["summaries"]["all"]["useful_tokens_per_s"] > 0
+
+
+def test_benchmark_compares_optimizers_and_profiles_a_step(tmp_path):
+    """--optimizers runs each mode per optimizer (rows 'mode [optimizer]'); --profile adds one profiled step per
+    row: phases, op families and the training state's sizes, which must match the model's own count."""
+    out = tmp_path / "bench.json"
+    finished = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "benchmark_efficiency.py"), "--vocab", "500", "--layers", "2",
+         "--dim", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--max-tokens", "128",
+         "--max-seq-len", "512", "--modes", "all", "--optimizers", "adamw", "adamw8bit+in_bwd", "--rounds", "1",
+         "--steps", "2", "--lr", "1e-3", "--profile", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"all [adamw]", "all [adamw8bit+in_bwd]"}
+    plain, low_bit = runs["all [adamw]"][0], runs["all [adamw8bit+in_bwd]"][0]
+    assert plain["losses"][0] == pytest.approx(low_bit["losses"][0], rel=1e-6)  # same weights, same first batch
+    assert plain["losses"][1:] != low_bit["losses"][1:]  # then different updates
+    weights_gib = plain["parameters"] * 4 / 2**30  # fp32, every parameter trained
+    for run in (plain, low_bit):
+        state = run["profile"]["state_gib"]
+        assert state["weights"] == pytest.approx(weights_gib) and state["gradients (trained weights' size)"] == pytest.approx(weights_gib)
+        assert set(run["profile"]["phases_s"]) == {"forward", "backward", "optimizer"}
+    assert plain["profile"]["state_gib"]["optimizer state"] == pytest.approx(2 * weights_gib, rel=0.01)  # 2 moments
+    assert low_bit["profile"]["state_gib"]["optimizer state"] < 0.5 * plain["profile"]["state_gib"]["optimizer state"]
