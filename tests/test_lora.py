@@ -33,7 +33,7 @@ RM_LORA = REPO_ROOT / "configs" / "tiny_reward_model_lora.yaml"
 LORA_MODEL = ["model._component_=torchtune.models.llama3.lora_llama3", "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]",
               "model.apply_lora_to_mlp=True", "model.lora_rank=8", "model.lora_alpha=16", "optimizer.lr=1e-2"]
 BASELINES = ["tiny_dpo", "tiny_ipo", "tiny_cal_dpo", "tiny_distillation", "tiny_reward_aware_rpo", "tiny_reward_partition",
-             "tiny_simpo", "tiny_slic_hf", "tiny_orpo", "tiny_rloo"]
+             "tiny_simpo", "tiny_slic_hf", "tiny_orpo", "tiny_rloo", "tiny_qrpo", "tiny_rebel"]
 
 
 def run(monkeypatch, tiny_assets, output_dir, *overrides, config_path=RAO_LORA, recipe="rao_distributed", module=None):

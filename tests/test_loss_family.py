@@ -13,7 +13,9 @@ from rao_tune.losses import (
     DPOLoss,
     IPOLoss,
     ORPOLoss,
+    QRPOLoss,
     RAOLoss,
+    REBELLoss,
     ResponseLogProbs,
     RewardAwareRPOLoss,
     RewardPartitionLoss,
@@ -226,6 +228,61 @@ def test_reward_partition_normaliser_and_loss_by_hand():
     assert module.loss.item() == pytest.approx(expected)
 
 
+def qrpo_by_hand(beta):
+    """Value and d loss / d policy_logps of QRPO over the module batch, plain floats (the quantile and the
+    normaliser from their definitions: a count, and Z = integral_0^1 exp(u / beta) du, here by the midpoint rule)."""
+    policy, reference, rewards = POLICY.tolist(), REFERENCE.tolist(), REWARDS.tolist()
+    steps = 200_000
+    beta_log_z = beta * math.log(sum(math.exp((i + 0.5) / steps / beta) for i in range(steps)) / steps)
+    groups = [[0, 1, 2], [3], [4, 5]]
+    value, grads = 0.0, [0.0] * 6
+    for members in groups:
+        for i in members:
+            quantile = sum(rewards[j] <= rewards[i] for j in members) / len(members)
+            residual = quantile - beta_log_z - beta * (policy[i] - reference[i])
+            value += residual**2 / len(members) / len(groups)
+            grads[i] = -2 * beta * residual / len(members) / len(groups)
+    return value, grads
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.5, 2.0])
+def test_qrpo_quantiles_normaliser_loss_and_gradient_by_hand(beta):
+    # quantiles: prompt 0 ranks 0.8 > 0.5 > 0.2; the lone response is its own top; the tie shares the top
+    torch.testing.assert_close(LF.quantile_rewards(REWARDS, PROMPT_IDS), t(1.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0))
+    expected_value, expected_grads = qrpo_by_hand(beta)
+    inputs = batch()
+    out = QRPOLoss(beta=beta)(inputs)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(expected_value, rel=1e-6)
+    torch.testing.assert_close(inputs.policy_logps.grad, t(*expected_grads), rtol=1e-6, atol=1e-12)
+    assert LF.qrpo_log_partition(1e-4) == pytest.approx(math.log(1e-4) + 1e4)  # finite where exp(1/beta) is not
+
+
+def test_rebel_regresses_every_pair_difference_by_hand():
+    beta = 0.25
+    policy, reference, rewards = POLICY.tolist(), REFERENCE.tolist(), REWARDS.tolist()
+    h = [policy[i] - reference[i] for i in range(6)]
+    pairs_of = {0: [(0, 1), (0, 2), (1, 2)], 2: [(4, 5)]}  # prompt 1 has one response: no pair
+    value, grads = 0.0, [0.0] * 6
+    for pairs in pairs_of.values():
+        for i, j in pairs:
+            residual = (rewards[i] - rewards[j]) / beta - (h[i] - h[j])
+            value += residual**2 / len(pairs) / len(pairs_of)
+            grads[i] += -2 * residual / len(pairs) / len(pairs_of)
+            grads[j] += 2 * residual / len(pairs) / len(pairs_of)
+    inputs = batch()
+    out = REBELLoss(beta=beta)(inputs)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(value, rel=1e-9)
+    torch.testing.assert_close(inputs.policy_logps.grad, t(*grads))
+    assert grads[3] == 0.0 and grads[4] != 0.0  # the lone response is out; the tie (4, 5) pulls h_4 towards h_5
+    REBELLoss().check_data([[1.0, 1.0], [0.5]])  # a tie is a pair (target difference 0)
+    with pytest.raises(ValueError, match="REBELLoss: none of the 2 training prompts has two responses"):
+        REBELLoss().check_data([[1.0], [0.5]])
+    lone = LF.rebel_loss(POLICY[:1].clone().requires_grad_(), REFERENCE[:1], REWARDS[:1], PROMPT_IDS[:1], beta=beta)
+    assert lone.item() == 0.0 and lone.requires_grad
+
+
 # --- Hyperparameters and data refused before any model loads ------------------------------------------------------
 
 OUT_OF_RANGE = [
@@ -243,6 +300,8 @@ OUT_OF_RANGE = [
     (RewardAwareRPOLoss, {"beta": 0.0}, "beta must be > 0"),
     (RewardAwareRPOLoss, {"eta": 0.0}, "eta must be > 0"),
     (RewardPartitionLoss, {"tau": 0.0}, "tau must be > 0"),
+    (QRPOLoss, {"beta": 0.0}, "beta must be > 0"),
+    (REBELLoss, {"beta": -1.0}, "beta must be > 0"),
 ]
 
 

@@ -15,6 +15,7 @@ TINY_RAO = REPO_ROOT / "configs" / "tiny_rao.yaml"
 BASELINES = {  # config -> needs a reference model
     "tiny_dpo": True, "tiny_ipo": True, "tiny_cal_dpo": True, "tiny_distillation": True, "tiny_reward_aware_rpo": True,
     "tiny_reward_partition": True, "tiny_simpo": False, "tiny_slic_hf": False, "tiny_orpo": False, "tiny_rloo": False,
+    "tiny_qrpo": True, "tiny_rebel": True,
 }
 COMPARABLE = {"loss", "implicit_reward", "target_reward", "logratio_best", "logratio_worst", "implicit_reward_best",
               "implicit_reward_worst", "implicit_accuracy", "reward_correlation"}

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 SHORT = ["epochs=1", "max_steps_per_epoch=1", "batch_size=2", "lr_scheduler.num_warmup_steps=0"]
 # Every loss of the family, as its tiny config sets it, on SmolLM2 with LoRA (RAO and DRO run full below).
 LOSS_CONFIGS = ["tiny_cal_dpo", "tiny_distillation", "tiny_dpo", "tiny_ipo", "tiny_orpo", "tiny_reward_aware_rpo",
-                "tiny_reward_partition", "tiny_rloo", "tiny_simpo", "tiny_slic_hf"]
+                "tiny_reward_partition", "tiny_rloo", "tiny_simpo", "tiny_slic_hf", "tiny_qrpo", "tiny_rebel"]
 
 
 @pytest.fixture(scope="module")

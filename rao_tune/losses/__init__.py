@@ -18,7 +18,7 @@ from rao_tune.losses.pairwise import (
     SimPOLoss,
     SLiCHFLoss,
 )
-from rao_tune.losses.pointwise import RewardPartitionLoss, RLOOLoss
+from rao_tune.losses.pointwise import QRPOLoss, REBELLoss, RewardPartitionLoss, RLOOLoss
 from rao_tune.losses.rao import RAOLoss
 
 __all__ = [
@@ -34,7 +34,9 @@ __all__ = [
     "PairwiseLoss",
     "PairwiseOutput",
     "PreferenceLoss",
+    "QRPOLoss",
     "RAOLoss",
+    "REBELLoss",
     "RLOOLoss",
     "ResponseLogProbs",
     "RewardAwareRPOLoss",

@@ -11,6 +11,8 @@ Shapes: a batch holds N responses to B prompts, flattened. Every tensor argument
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -356,3 +358,57 @@ def dro_loss(
     """
     residual = rewards - values - tau * (policy_logps - reference_logps)
     return 0.5 * per_prompt_mean(residual**2, prompt_ids).mean()
+
+
+def quantile_rewards(rewards: Tensor, prompt_ids: Tensor) -> Tensor:
+    """Each response's reward as a quantile among its prompt's responses: ``q_i = mean_{j of x} 1[r_j <= r_i]``
+    (itself included, so in (0, 1]; tied responses share the higher quantile). QRPO computes it against rewards
+    of reference samples; a prompt's own responses are such samples when they were drawn from the reference."""
+    same_prompt = prompt_ids[:, None] == prompt_ids[None, :]
+    at_most = (rewards[None, :] <= rewards[:, None]) & same_prompt  # [i, j]: r_j <= r_i, same prompt
+    return at_most.sum(-1).to(rewards.dtype) / same_prompt.sum(-1).to(rewards.dtype)
+
+
+def qrpo_log_partition(beta: float) -> float:
+    """``log Z_q`` for identity quantile rewards: a quantile is uniform on (0, 1) under the reference, so
+    ``Z_q = E_{u~U(0,1)} exp(u / beta) = beta * (exp(1/beta) - 1)`` exactly; written to stay finite at small
+    beta (QRPO's code drops the ``- 1``, which matters only for beta near 1 or above)."""
+    return math.log(beta) + 1.0 / beta + math.log1p(-math.exp(-1.0 / beta))
+
+
+def qrpo_loss(
+    policy_logps: Tensor, reference_logps: Tensor, rewards: Tensor, prompt_ids: Tensor, *, beta: float
+) -> Tensor:
+    """Quantile Reward Policy Optimization (Matrenok et al. 2025, arXiv 2507.08068; identity transform, squared
+    error, every response)::
+
+        q(x, y) = quantile of r(x, y) among the prompt's responses (:func:`quantile_rewards`)
+        L = mean over prompts of mean over responses of (q(x, y) - beta * log Z_q - beta * log(pi/pi_ref)(y|x))^2
+
+    The optimum of the KL-regularised objective on quantile rewards, ``beta * log(pi*/pi_ref) = q - beta log Z_q``,
+    has an exact normaliser (:func:`qrpo_log_partition`), so each response gets its own target, as in RAO.
+    """
+    targets = quantile_rewards(rewards, prompt_ids) - beta * qrpo_log_partition(beta)
+    residual = targets - beta * (policy_logps - reference_logps)
+    return per_prompt_mean(residual**2, prompt_ids).mean()
+
+
+def rebel_loss(
+    policy_logps: Tensor, reference_logps: Tensor, rewards: Tensor, prompt_ids: Tensor, *, beta: float
+) -> Tensor:
+    """REBEL (Gao et al. 2024, arXiv 2404.16767, Eq. 3 with pi_t = pi_ref: one offline iteration) over every
+    pair of a prompt's responses, ties included (their target difference is 0)::
+
+        h = log pi(y|x) - log pi_ref(y|x)
+        L = mean over prompts of mean over pairs i < j of ((r_i - r_j) / beta - (h_i - h_j))^2
+
+    As REBEL's code scales it (rewards times eta = 1 / beta rather than log-ratios times beta: the paper's
+    loss times 1 / beta^2). A prompt with one response gives no pair and is left out of the mean.
+    """
+    log_ratios = policy_logps - reference_logps
+    index = torch.arange(len(rewards), device=rewards.device)
+    first, second = torch.where((prompt_ids[:, None] == prompt_ids[None, :]) & (index[:, None] < index[None, :]))
+    if len(first) == 0:
+        return log_ratios.sum() * 0.0  # no pair: zero, still connected to the graph
+    residual = (rewards[first] - rewards[second]) / beta - (log_ratios[first] - log_ratios[second])
+    return per_prompt_mean(residual**2, prompt_ids[first]).mean()
