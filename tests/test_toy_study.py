@@ -9,6 +9,7 @@ import statistics
 import pytest
 from omegaconf import OmegaConf
 
+from rao_tune.files import read_jsonl
 from rao_tune.toy.study import Condition, Run, Study, load_study_config, mean_interval, run_study, select_setting
 from rao_tune.toy.task import true_reward
 
@@ -44,6 +45,20 @@ def test_study_selects_on_validation_reports_test_and_resumes(tmp_path):
     out = tmp_path / "study"
     logged = []
     report = run_study(cfg, log=logged.append)
+
+    # Disjoint splits, in the files the study trained and evaluated on: no prompt in two splits or twice in one,
+    # and no held-out prompt among the SFT demonstrations.
+    for seed in (0, 1):
+        data = out / "seeds" / f"seed{seed}" / "data"
+        splits = {split: [row["prompt"] for row in read_jsonl(data / f"{split}_prompts.jsonl")]
+                  for split in ("train", "validation", "test")}
+        assert [len(splits[s]) for s in ("train", "validation", "test")] == [48, 12, 12]
+        all_prompts = [prompt for prompts in splits.values() for prompt in prompts]
+        assert len(set(all_prompts)) == len(all_prompts)
+        demonstrated = {row["messages"][0]["content"] for row in read_jsonl(data / "sft.jsonl")}
+        assert len(demonstrated) > 50 and not demonstrated & set(splits["validation"] + splits["test"])
+        trained = {row["prompt"] for row in read_jsonl(out / "seeds" / f"seed{seed}" / "annotated" / "train.jsonl")}
+        assert trained <= set(splits["train"])
 
     # Every run's answers are scored by the true reward, recomputed here from the answers file.
     run_dir = out / "runs" / "k4_reward_model" / "RAO" / "loss.beta_0.3" / "seed0"

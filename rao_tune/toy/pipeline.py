@@ -21,7 +21,7 @@ from rao_tune.annotate import annotation_agreement
 from rao_tune.files import write_atomically, write_jsonl
 from rao_tune.inprocess import run_recipe
 from rao_tune.toy.assets import build_tiny_assets
-from rao_tune.toy.task import demonstration_rows, sft_rows, task_prompts, true_reward
+from rao_tune.toy.task import demonstration_rows, disjoint_task_prompts, sft_rows, true_reward
 from rao_tune.training.metrics import read_metrics
 
 # The checkpointer's name for the one-file HF export of the tiny models.
@@ -39,6 +39,10 @@ def score_answers(answers: Sequence[Mapping[str, str]]) -> dict[str, float]:
     return {"true_reward": statistics.fmean(rewards), "accuracy": sum(r == 1.0 for r in rewards) / len(rewards)}
 
 
+# How prompts are split; a seed prepared another way is prepared again.
+SPLITS = "disjoint: train, validation and test prompts drawn without replacement; SFT demonstrates no held-out prompt"
+
+
 def prepare_seed(out: Path, seed: int, scale: Mapping[str, Any]) -> dict[str, Any]:
     """Everything alignment runs of ``seed`` share, built once into ``out`` (skipped when ``prepared.json`` says
     it was built with the same ``scale``). ``scale``: sft_demonstrations, train_prompts, validation_prompts,
@@ -47,15 +51,18 @@ def prepare_seed(out: Path, seed: int, scale: Mapping[str, Any]) -> dict[str, An
     record_path = out / "prepared.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
-        if record["scale"] == dict(scale):
+        if record["scale"] == dict(scale) and record.get("splits") == SPLITS:
             return record
     common = [f"seed={seed}", "overwrite=True"]
     assets = build_tiny_assets(out / "assets", seed=seed)
     common.append(f"assets_dir={assets['out_dir']}")
     data = out / "data"
-    write_jsonl(data / "sft.jsonl", sft_rows(demonstration_rows(scale["sft_demonstrations"], seed=seed + 10)))
-    prompts = {split: task_prompts(scale[f"{split}_prompts"], seed + offset)
-               for split, offset in (("train", 11), ("validation", 12), ("test", 13))}
+    # Disjoint splits: no prompt is in two of them, and SFT never demonstrates a held-out one.
+    prompts = disjoint_task_prompts({split: scale[f"{split}_prompts"] for split in ("train", "validation", "test")},
+                                    seed + 11)
+    held_out = prompts["validation"] + prompts["test"]
+    write_jsonl(data / "sft.jsonl", sft_rows(demonstration_rows(scale["sft_demonstrations"], seed=seed + 10,
+                                                                exclude=held_out)))
     for split, split_prompts in prompts.items():
         write_jsonl(data / f"{split}_prompts.jsonl", [{"prompt": prompt} for prompt in split_prompts])
     # One file of greedy-answer prompts per run: validation first, then test (split again by position).
@@ -94,6 +101,7 @@ def prepare_seed(out: Path, seed: int, scale: Mapping[str, Any]) -> dict[str, An
     record = {
         "seed": seed,
         "scale": dict(scale),
+        "splits": SPLITS,
         "assets_dir": str(assets["out_dir"]),
         "sft_dir": str(sft_dir),
         "annotations": {"reward_model": str(out / "annotated" / "train.jsonl"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping
 
 from rao_tune.files import write_jsonl
 
@@ -79,6 +79,26 @@ def task_prompts(num_prompts: int, seed: int) -> list[str]:
     """``num_prompts`` prompts of the synthetic task drawn from ``seed``."""
     rng = random.Random(seed)
     return [rng.choice(_TASKS)(rng)[0] for _ in range(num_prompts)]
+
+
+def disjoint_task_prompts(sizes: Mapping[str, int], seed: int) -> dict[str, list[str]]:
+    """Prompts for each split (``{"train": n, ...}``, in that order), drawn without replacement from one stream:
+    no prompt appears twice, within a split or across splits, so a held-out prompt was never trained on."""
+    rng = random.Random(seed)
+    total, drawn, seen = sum(sizes.values()), [], set()
+    for _ in range(100 * total):
+        if len(drawn) == total:
+            break
+        prompt = rng.choice(_TASKS)(rng)[0]
+        if prompt not in seen:
+            seen.add(prompt)
+            drawn.append(prompt)
+    else:
+        raise ValueError(f"the task gave fewer than {total} distinct prompts in {100 * total} draws")
+    splits, start = {}, 0
+    for split, size in sizes.items():
+        splits[split], start = drawn[start:start + size], start + size
+    return splits
 
 
 def _wrong_item(rng: random.Random, right: str) -> str:
@@ -164,13 +184,19 @@ def marker_preference_rows(num_prompts: int, seed: int = 0, marker: str = MARKER
     return rows
 
 
-def demonstration_rows(num_prompts: int, seed: int = 0, mistakes: tuple[int, int] = (1, 3)) -> list[dict[str, Any]]:
+def demonstration_rows(
+    num_prompts: int, seed: int = 0, mistakes: tuple[int, int] = (1, 3), exclude: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """Imperfect demonstrations for SFT, one per prompt: the right answer with ``mistakes`` (low, high) errors of
-    one kind, so the SFT model answers roughly and alignment has room to improve it."""
+    one kind, so the SFT model answers roughly and alignment has room to improve it. Prompts in ``exclude``
+    (held-out ones) are never demonstrated."""
     rng = random.Random(seed)
+    excluded = set(exclude)
     rows = []
-    for _ in range(num_prompts):
+    while len(rows) < num_prompts:
         prompt, target, extra_item = rng.choice(_TASKS)(rng)
+        if prompt in excluded:
+            continue
         answer = _corrupt(rng, target, rng.randint(*mistakes), extra_item)
         rows.append({"prompt": prompt, "responses": [" ".join(answer)], "rewards": [_answer_score(answer, target)]})
     return rows
