@@ -328,15 +328,16 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         losses.append(train_step(batch))
         step_times.append(time.perf_counter() - started)
+    peak_in_steps = peak_memory_gib(device)  # before the profiled step and the profiler's own memory
     profile = profile_step(lambda: train_step(prepared[args.warmup]), model, optimizer) if args.profile else None
     return {
         "profile": profile,
         "step_times": step_times[args.warmup:],
         "useful_tokens_per_step": [useful_tokens(samples) for samples in batches][args.warmup:],
         "processed_tokens_per_step": processed[args.warmup:],
-        "peak_memory_gib": peak_memory_gib(device),
+        "peak_memory_gib": peak_in_steps,
         "memory_after_setup_gib": memory_after_setup,
-        "lifetime_peak_memory_gib": max(setup_peak, peak_memory_gib(device)),
+        "lifetime_peak_memory_gib": max(setup_peak, peak_in_steps),
         "first_loss": losses[0],
         "losses": losses,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -549,7 +550,9 @@ def main() -> None:
         common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--workload", str(workload),
                   "--checkpoint", str(checkpoint)]
         variants = [(mode, optimizer) for mode in modes for optimizer in args.optimizers
-                    if mode not in TRL_MODES or optimizer == "adamw"]
+                    if mode not in TRL_MODES or optimizer == "adamw"]  # trl runs its own AdamW
+        if any(mode in TRL_MODES for mode in modes) and "adamw" not in args.optimizers:
+            print("the trl modes run trl's AdamW only: skipped (add adamw to --optimizers)", file=sys.stderr)
         name = {variant: variant[0] if len(args.optimizers) == 1 else f"{variant[0]} [{variant[1]}]"
                 for variant in variants}
         runs: dict[str, list[dict]] = {name[variant]: [] for variant in variants}

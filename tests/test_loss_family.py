@@ -229,33 +229,47 @@ def test_reward_partition_normaliser_and_loss_by_hand():
 
 
 def qrpo_by_hand(beta):
-    """Value and d loss / d policy_logps of QRPO over the module batch, plain floats (the quantile and the
-    normaliser from their definitions: a count, and Z = integral_0^1 exp(u / beta) du, here by the midpoint rule)."""
+    """Value and d loss / d policy_logps of QRPO over the module batch, plain floats: the quantile by counting,
+    the normaliser as the mean of exp(q / beta) over the k values the quantile of k reference samples takes."""
     policy, reference, rewards = POLICY.tolist(), REFERENCE.tolist(), REWARDS.tolist()
-    steps = 200_000
-    beta_log_z = beta * math.log(sum(math.exp((i + 0.5) / steps / beta) for i in range(steps)) / steps)
     groups = [[0, 1, 2], [3], [4, 5]]
     value, grads = 0.0, [0.0] * 6
     for members in groups:
+        k = len(members)
+        beta_log_z = beta * math.log(sum(math.exp(j / k / beta) for j in range(1, k + 1)) / k)
         for i in members:
-            quantile = sum(rewards[j] <= rewards[i] for j in members) / len(members)
+            quantile = sum(rewards[j] <= rewards[i] for j in members) / k
             residual = quantile - beta_log_z - beta * (policy[i] - reference[i])
-            value += residual**2 / len(members) / len(groups)
-            grads[i] = -2 * beta * residual / len(members) / len(groups)
+            value += residual**2 / k / len(groups)
+            grads[i] = -2 * beta * residual / k / len(groups)
     return value, grads
 
 
 @pytest.mark.parametrize("beta", [0.05, 0.5, 2.0])
 def test_qrpo_quantiles_normaliser_loss_and_gradient_by_hand(beta):
     # quantiles: prompt 0 ranks 0.8 > 0.5 > 0.2; the lone response is its own top; the tie shares the top
-    torch.testing.assert_close(LF.quantile_rewards(REWARDS, PROMPT_IDS), t(1.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0))
+    quantiles, counts = LF.quantile_rewards(REWARDS, PROMPT_IDS)
+    torch.testing.assert_close(quantiles, t(1.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0))
+    assert counts.tolist() == [3, 3, 3, 1, 2, 2]
     expected_value, expected_grads = qrpo_by_hand(beta)
     inputs = batch()
     out = QRPOLoss(beta=beta)(inputs)
     out.loss.backward()
-    assert out.loss.item() == pytest.approx(expected_value, rel=1e-6)
-    torch.testing.assert_close(inputs.policy_logps.grad, t(*expected_grads), rtol=1e-6, atol=1e-12)
+    assert out.loss.item() == pytest.approx(expected_value, rel=1e-9)
+    torch.testing.assert_close(inputs.policy_logps.grad, t(*expected_grads))
+    # A lone response's target log-ratio is 0 (q = 1 = beta log Z): it stays as likely as under the reference.
+    assert LF.qrpo_log_partition(beta, 1) * beta == pytest.approx(1.0)
+
+
+def test_qrpo_normaliser_tends_to_the_papers_continuous_one():
+    # The continuous quantile's Z = integral_0^1 exp(u / beta) du, here by the midpoint rule.
+    steps = 200_000
+    for beta in (0.05, 0.5, 2.0):
+        integral = sum(math.exp((i + 0.5) / steps / beta) for i in range(steps)) / steps
+        assert LF.qrpo_log_partition(beta) == pytest.approx(math.log(integral), rel=1e-7)
+        assert LF.qrpo_log_partition(beta, 20_000) == pytest.approx(math.log(integral), rel=1e-3)
     assert LF.qrpo_log_partition(1e-4) == pytest.approx(math.log(1e-4) + 1e4)  # finite where exp(1/beta) is not
+    assert math.isfinite(LF.qrpo_log_partition(1e-4, 4))
 
 
 def test_rebel_regresses_every_pair_difference_by_hand():

@@ -89,6 +89,9 @@ def test_a_run_with_the_step_in_backward_trains_like_plain_adamw_and_resumes(mon
     with pytest.raises(StopAfterFirstEpoch):
         train_tiny(monkeypatch, tiny_assets, tmp_path / "resumed", "optimizer_in_bwd=True", recipe=recipe)
     monkeypatch.undo()
+    # Its optimizer state has one group per parameter: resuming it without optimizer_in_bwd is refused up front.
+    with pytest.raises(ValueError, match=r"other settings optimizer_in_bwd=True \(now False\)"):
+        train_tiny(monkeypatch, tiny_assets, tmp_path / "resumed", "resume_from_checkpoint=True")
     resumed = train_tiny(monkeypatch, tiny_assets, tmp_path / "resumed", "optimizer_in_bwd=True",
                          "resume_from_checkpoint=True")
     resumed_weights = final_weights_of(resumed / "epoch_1", tiny_assets, tmp_path)

@@ -360,20 +360,34 @@ def dro_loss(
     return 0.5 * per_prompt_mean(residual**2, prompt_ids).mean()
 
 
-def quantile_rewards(rewards: Tensor, prompt_ids: Tensor) -> Tensor:
-    """Each response's reward as a quantile among its prompt's responses: ``q_i = mean_{j of x} 1[r_j <= r_i]``
-    (itself included, so in (0, 1]; tied responses share the higher quantile). QRPO computes it against rewards
-    of reference samples; a prompt's own responses are such samples when they were drawn from the reference."""
+def quantile_rewards(rewards: Tensor, prompt_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Each response's reward as a quantile among its prompt's k responses, ``q_i = mean_{j of x} 1[r_j <= r_i]``
+    (itself included: in {1/k, ..., 1}; tied responses share the higher quantile), and each response's k.
+    QRPO computes the quantile against rewards of reference samples; a prompt's own responses are such samples
+    when they were drawn from the reference."""
     same_prompt = prompt_ids[:, None] == prompt_ids[None, :]
     at_most = (rewards[None, :] <= rewards[:, None]) & same_prompt  # [i, j]: r_j <= r_i, same prompt
-    return at_most.sum(-1).to(rewards.dtype) / same_prompt.sum(-1).to(rewards.dtype)
+    counts = same_prompt.sum(-1)
+    return at_most.sum(-1).to(rewards.dtype) / counts.to(rewards.dtype), counts
 
 
-def qrpo_log_partition(beta: float) -> float:
-    """``log Z_q`` for identity quantile rewards: a quantile is uniform on (0, 1) under the reference, so
-    ``Z_q = E_{u~U(0,1)} exp(u / beta) = beta * (exp(1/beta) - 1)`` exactly; written to stay finite at small
-    beta (QRPO's code drops the ``- 1``, which matters only for beta near 1 or above)."""
-    return math.log(beta) + 1.0 / beta + math.log1p(-math.exp(-1.0 / beta))
+def qrpo_log_partition(beta: float, num_responses: int | None = None) -> float:
+    """``log Z_q = log E_ref[exp(q / beta)]`` for the quantile reward ``q``. Among ``num_responses`` = k reference
+    samples with distinct rewards, :func:`quantile_rewards` is uniform on {1/k, ..., 1}, so exactly
+    ``log mean_{j=1..k} exp(j / (k beta))`` (a lone response, q = 1, gets the target log-ratio 0: it stays as
+    likely as under the reference). ``None``: the continuous quantile, uniform on (0, 1), QRPO's
+    ``log(beta (exp(1/beta) - 1))``, written to stay finite at small beta (the authors' code drops the ``- 1``)."""
+    if num_responses is None:
+        return math.log(beta) + 1.0 / beta + math.log1p(-math.exp(-1.0 / beta))
+    exponents = [j / (num_responses * beta) for j in range(1, num_responses + 1)]
+    top = max(exponents)
+    return top + math.log(sum(math.exp(e - top) for e in exponents) / num_responses)
+
+
+def qrpo_normalisers(beta: float, counts: Tensor, like: Tensor) -> Tensor:
+    """``beta * log Z_q`` of each response, from its prompt's number of responses."""
+    values = {int(k): beta * qrpo_log_partition(beta, int(k)) for k in torch.unique(counts)}
+    return torch.tensor([values[int(k)] for k in counts], dtype=like.dtype, device=like.device)
 
 
 def qrpo_loss(
@@ -382,13 +396,15 @@ def qrpo_loss(
     """Quantile Reward Policy Optimization (Matrenok et al. 2025, arXiv 2507.08068; identity transform, squared
     error, every response)::
 
-        q(x, y) = quantile of r(x, y) among the prompt's responses (:func:`quantile_rewards`)
-        L = mean over prompts of mean over responses of (q(x, y) - beta * log Z_q - beta * log(pi/pi_ref)(y|x))^2
+        q(x, y) = quantile of r(x, y) among the prompt's k responses (:func:`quantile_rewards`)
+        L = mean over prompts of mean over responses of (q(x, y) - beta * log Z_q(k) - beta * log(pi/pi_ref)(y|x))^2
 
     The optimum of the KL-regularised objective on quantile rewards, ``beta * log(pi*/pi_ref) = q - beta log Z_q``,
-    has an exact normaliser (:func:`qrpo_log_partition`), so each response gets its own target, as in RAO.
+    has an exact normaliser (:func:`qrpo_log_partition`, for the k-sample quantile), so each response gets its
+    own target, as in RAO.
     """
-    targets = quantile_rewards(rewards, prompt_ids) - beta * qrpo_log_partition(beta)
+    quantiles, counts = quantile_rewards(rewards, prompt_ids)
+    targets = quantiles - qrpo_normalisers(beta, counts, rewards)
     residual = targets - beta * (policy_logps - reference_logps)
     return per_prompt_mean(residual**2, prompt_ids).mean()
 

@@ -52,8 +52,10 @@ class RewardPartitionLoss(PreferenceLoss):
 class QRPOLoss(PreferenceLoss):
     """Quantile Reward Policy Optimization (Matrenok et al. 2025): see :func:`functional.qrpo_loss`.
 
-        q(x, y) = mean_{y' of x} 1[r(x, y') <= r(x, y)],   beta * log Z_q = beta * log(beta * (e^(1/beta) - 1))
-        L = mean_x mean_{y of x} (q(x, y) - beta * log Z_q - beta * log(pi/pi_ref)(y|x))^2
+        q(x, y) = mean_{y' of x} 1[r(x, y') <= r(x, y)],   log Z_q(k) = log mean_{j=1..k} e^(j / (k beta))
+        L = mean_x mean_{y of x} (q(x, y) - beta * log Z_q(k) - beta * log(pi/pi_ref)(y|x))^2
+
+    (k responses; as k grows log Z_q(k) -> log(beta (e^(1/beta) - 1)), the paper's continuous normaliser.)
 
     Args:
         beta: KL strength (the authors' grid for 8B models: 3e-4, 1e-3, 3e-3).
@@ -70,7 +72,8 @@ class QRPOLoss(PreferenceLoss):
     def forward(self, batch: ResponseLogProbs) -> LossOutput:
         loss = LF.qrpo_loss(batch.policy_logps, batch.reference_logps, batch.rewards, batch.prompt_ids, beta=self.beta)
         log_ratios = (batch.policy_logps - batch.reference_logps).detach()
-        return LossOutput(loss=loss, implicit_rewards=self.beta * (log_ratios + LF.qrpo_log_partition(self.beta)))
+        _, counts = LF.quantile_rewards(batch.rewards, batch.prompt_ids)
+        return LossOutput(loss=loss, implicit_rewards=self.beta * log_ratios + LF.qrpo_normalisers(self.beta, counts, log_ratios))
 
 
 class REBELLoss(PreferenceLoss):

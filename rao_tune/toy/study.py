@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from rao_tune.files import write_atomically
-from rao_tune.toy.pipeline import align_and_evaluate, prepare_seed
+from rao_tune.toy.pipeline import SPLITS, align_and_evaluate, prepare_seed
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.96).
 _T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -165,7 +165,8 @@ class Study:
     def _made_with(self, run: Run) -> dict:
         """What a run's result depends on beyond its folder name: the scale (hence the seed's SFT model and data)
         and the method's config."""
-        return {"scale": OmegaConf.to_container(self.cfg.scale), "config": str(self.cfg.methods[run.method].config)}
+        return {"scale": OmegaConf.to_container(self.cfg.scale), "config": str(self.cfg.methods[run.method].config),
+                "splits": SPLITS}
 
     def _load(self, run: Run) -> bool:
         """A finished run's result, unless it was made with another scale or config (then it is run again)."""

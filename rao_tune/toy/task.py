@@ -85,16 +85,14 @@ def disjoint_task_prompts(sizes: Mapping[str, int], seed: int) -> dict[str, list
     """Prompts for each split (``{"train": n, ...}``, in that order), drawn without replacement from one stream:
     no prompt appears twice, within a split or across splits, so a held-out prompt was never trained on."""
     rng = random.Random(seed)
-    total, drawn, seen = sum(sizes.values()), [], set()
-    for _ in range(100 * total):
-        if len(drawn) == total:
-            break
-        prompt = rng.choice(_TASKS)(rng)[0]
+    total, drawn, seen, draws = sum(sizes.values()), [], set(), 0
+    while len(drawn) < total:
+        if draws == 100 * total:
+            raise ValueError(f"the task gave fewer than {total} distinct prompts in {draws} draws")
+        prompt, draws = rng.choice(_TASKS)(rng)[0], draws + 1
         if prompt not in seen:
             seen.add(prompt)
             drawn.append(prompt)
-    else:
-        raise ValueError(f"the task gave fewer than {total} distinct prompts in {100 * total} draws")
     splits, start = {}, 0
     for split, size in sizes.items():
         splits[split], start = drawn[start:start + size], start + size

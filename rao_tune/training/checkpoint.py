@@ -46,7 +46,9 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings a resumed run must share with the run it continues (else its data order or schedule would shift).
 WRITER_THREADS = 4  # files each process writes at once (measured: 4 threads save 10-30% faster than 1)
 RUN_SETTINGS = ("seed", "total_epochs", "max_steps_per_epoch", "steps_per_epoch", "world_size", "batch_size",
-                "gradient_accumulation_steps")
+                "gradient_accumulation_steps", "optimizer_in_bwd")
+# What a checkpoint written before a setting existed was written with.
+SETTING_DEFAULTS = {"optimizer_in_bwd": False}
 # Only what trains is saved: a LoRA run's frozen base (NF4 in QLoRA) comes back from the starting checkpoint.
 _TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
 

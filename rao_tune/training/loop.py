@@ -107,8 +107,10 @@ def guarded_optimizer_step(
     bad_norm = next((norm for norm in norms if not math.isfinite(norm)), None)
     if not math.isfinite(loss) or bad_norm is not None:
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {bad_norm}"
+        applied = ("the weights in memory took this step's update in backward (optimizer_in_bwd), but no checkpoint "
+                   "holds it" if isinstance(optimizer, OptimizerInBackward) else "no update was applied")
         raise FloatingPointError(
-            f"Stopping: the {what} at {where}; no update was applied. The last good checkpoint is the latest "
+            f"Stopping: the {what} at {where}; {applied}. The last good checkpoint is the latest "
             "checkpoints/step_* folder in the output_dir (resume_from_checkpoint=True). Lower the learning rate, "
             "check the scale of the rewards against the loss's hyperparameters, or use dtype=fp32."
         )

@@ -22,7 +22,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
     """Looks like one optimizer to the train loop, the LR schedule and the step checkpoint:
 
     - ``param_groups`` are the configured groups (an LR schedule sets their ``lr``; each parameter's optimizer
-      takes its group's current ``lr`` when it steps);
+      takes its group's current options when it steps);
     - ``step`` and ``zero_grad`` do nothing: the updates happened in backward, the gradients are gone;
     - ``optimizers`` (one per parameter) are what a DCP checkpoint saves and loads.
     """
@@ -33,20 +33,23 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.defaults, self.state = {}, {}
         self.optimizers: list[torch.optim.Optimizer] = []
         self._hooks = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            if not group["params"]:
+                raise ValueError(f"optimizer_in_bwd: parameter group {group.get('name', index)} has no parameters")
             options = {key: value for key, value in group.items() if key not in ("params", "name")}
-            for param in group["params"]:
-                optimizer = make_optimizer([{"params": [param], **options}])
-                self.optimizers.append(optimizer)
+            group_optimizers = [make_optimizer([{"params": [param], **options}]) for param in group["params"]]
+            for param, optimizer in zip(group["params"], group_optimizers):
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._step_hook(optimizer, group)))
+            self.optimizers += group_optimizers
             # The group's options as its optimizers completed them (lr, betas, ...), as a plain optimizer's are.
-            for key, value in self.optimizers[-1].param_groups[0].items():
+            for key, value in group_optimizers[0].param_groups[0].items():
                 group.setdefault(key, value)
 
     @staticmethod
     def _step_hook(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Callable[[nn.Parameter], None]:
         def step_now(param: nn.Parameter) -> None:
-            optimizer.param_groups[0]["lr"] = group["lr"]  # where the LR schedule put it
+            # Where the schedule put the group's options (lr; momentum or betas for cyclic schedules).
+            optimizer.param_groups[0].update((key, value) for key, value in group.items() if key not in ("params", "name"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step_now

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config
 
-from rao_tune.training.checkpoint import CHECKPOINTS_DIR, STAGING_DIR, complete_checkpoints, read_trainer_state
+from rao_tune.training.checkpoint import (CHECKPOINTS_DIR, SETTING_DEFAULTS, STAGING_DIR, complete_checkpoints,
+                                       read_trainer_state)
 from rao_tune.training.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ def check_resume_settings(cfg: DictConfig, checkpoint: Path) -> None:
     saved = read_trainer_state(checkpoint)
     stated = {"seed": cfg.get("seed"), "total_epochs": cfg.get("epochs"),
               "max_steps_per_epoch": cfg.get("max_steps_per_epoch"), "batch_size": cfg.get("batch_size"),
-              "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps")}
+              "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps"),
+              "optimizer_in_bwd": bool(cfg.get("optimizer_in_bwd", False))}
     if stated["seed"] is None:  # a null seed is drawn at random: a resume continues with the one drawn then
         stated["seed"] = saved["seed"]
     refuse_changed_settings(checkpoint, saved, stated)
@@ -156,6 +158,7 @@ def check_resume_settings(cfg: DictConfig, checkpoint: Path) -> None:
 
 def refuse_changed_settings(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Name every setting of ``current`` that differs from the one ``checkpoint`` was written with."""
+    saved = {**SETTING_DEFAULTS, **saved}
     changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in current.items() if saved.get(key) != value]
     if changed:
         raise ValueError(

@@ -74,6 +74,7 @@ class DistributedRecipe:
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._optimizer_in_bwd = cfg.get("optimizer_in_bwd", False)
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._output_dir = Path(cfg.output_dir)
@@ -224,6 +225,8 @@ class DistributedRecipe:
             "seed": self.seed, "total_epochs": self.total_epochs, "max_steps_per_epoch": self.max_steps_per_epoch,
             "steps_per_epoch": self._steps_per_epoch, "world_size": self.world_size, "batch_size": self._batch_size,
             "gradient_accumulation_steps": self._gradient_accumulation_steps,
+            # its optimizer state is one group per parameter: the other layout cannot be loaded
+            "optimizer_in_bwd": bool(self._optimizer_in_bwd),
         }
         assert set(settings) == set(RUN_SETTINGS)
         return {**settings, **self.recipe_settings()}
