@@ -368,6 +368,8 @@ def profile_step(step: Callable[[], float], model, optimizer) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from rao_tune.training.optim_in_backward import checkpointed_optimizers  # (one per parameter in backward)
+
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -386,7 +388,7 @@ def profile_step(step: Callable[[], float], model, optimizer) -> dict[str, Any]:
         families[family] = families.get(family, 0.0) + getattr(event, own) / 1e6
         if family == "other":
             others[event.key] = getattr(event, own) / 1e6
-    states = [optimizer.state for optimizer in getattr(optimizer, "optimizers", [optimizer])]
+    states = [each.state for each in checkpointed_optimizers(optimizer)]
     state_bytes = sum(_tensor_bytes(value) for state in states for per_param in state.values()
                       for value in per_param.values())
     trained = [p for p in model.parameters() if p.requires_grad]

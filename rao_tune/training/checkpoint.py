@@ -165,10 +165,11 @@ class StepCheckpointer:
     ) -> tuple[Progress, dict[str, Any]]:
         """Restore model, optimizer, schedule and this process's RNG from ``checkpoint``; return the progress and
         the run settings it was written with."""
-        model_state, optimizer_state = get_state_dict(model, checkpointed_optimizers(optimizer), options=_TRAINED_ONLY)  # (creates the optimizer's state)
+        optimizers = checkpointed_optimizers(optimizer)
+        model_state, optimizer_state = get_state_dict(model, optimizers, options=_TRAINED_ONLY)  # (creates their state)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=str(checkpoint))
-        set_state_dict(model, checkpointed_optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
         trainer_state = read_trainer_state(checkpoint)
         lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])

@@ -32,14 +32,13 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.param_groups = [dict(group, params=list(group["params"])) for group in param_groups]
         self.defaults, self.state = {}, {}
         self.optimizers: list[torch.optim.Optimizer] = []
-        self._hooks = []
         for index, group in enumerate(self.param_groups):
             if not group["params"]:
                 raise ValueError(f"optimizer_in_bwd: parameter group {group.get('name', index)} has no parameters")
             options = {key: value for key, value in group.items() if key not in ("params", "name")}
             group_optimizers = [make_optimizer([{"params": [param], **options}]) for param in group["params"]]
             for param, optimizer in zip(group["params"], group_optimizers):
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._step_hook(optimizer, group)))
+                param.register_post_accumulate_grad_hook(self._step_hook(optimizer, group))
             self.optimizers += group_optimizers
             # The group's options as its optimizers completed them (lr, betas, ...), as a plain optimizer's are.
             for key, value in group_optimizers[0].param_groups[0].items():
@@ -59,11 +58,6 @@ class OptimizerInBackward(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The gradients were freed in backward."""
-
-    def remove_hooks(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
 
     def __repr__(self) -> str:
         return f"OptimizerInBackward({len(self.optimizers)} x {type(self.optimizers[0]).__name__})"

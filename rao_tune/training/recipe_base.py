@@ -36,6 +36,7 @@ from rao_tune.training.lora import AdapterExport, lora_settings
 from rao_tune.training.loop import build_dataloader, guarded_optimizer_step, setup_optimizer, steps_per_epoch
 from rao_tune.training.metrics import METRICS_FILE, MetricsFileLogger, instantiate_metric_logger, memory_stats
 from rao_tune.training.model import setup_fsdp_model
+from rao_tune.training.optim_in_backward import OptimizerInBackward
 from rao_tune.training.preflight import (
     COMMON_KEYS,
     check_checkpoint_matches_model,
@@ -74,7 +75,6 @@ class DistributedRecipe:
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
-        self._optimizer_in_bwd = cfg.get("optimizer_in_bwd", False)
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._output_dir = Path(cfg.output_dir)
@@ -226,7 +226,7 @@ class DistributedRecipe:
             "steps_per_epoch": self._steps_per_epoch, "world_size": self.world_size, "batch_size": self._batch_size,
             "gradient_accumulation_steps": self._gradient_accumulation_steps,
             # its optimizer state is one group per parameter: the other layout cannot be loaded
-            "optimizer_in_bwd": bool(self._optimizer_in_bwd),
+            "optimizer_in_bwd": isinstance(self._optimizer, OptimizerInBackward),
         }
         assert set(settings) == set(RUN_SETTINGS)
         return {**settings, **self.recipe_settings()}
