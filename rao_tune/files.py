@@ -3,12 +3,13 @@ files by a sample of their bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import IO, Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -65,6 +66,30 @@ def hash_file_sample(digest: Any, path: Path) -> None:
         for offset in sorted({0, max(0, stat.st_size // 2 - SAMPLE_BYTES // 2), max(0, stat.st_size - SAMPLE_BYTES)}):
             handle.seek(offset)
             digest.update(handle.read(SAMPLE_BYTES))
+
+
+def tree_checksums(path: Path) -> dict[str, str]:
+    """``relative path -> sha256`` of every file under ``path``: what a cache records to check itself on load."""
+    path = Path(path)
+    sums = {}
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(item, "rb") as handle:
+            sums[item.relative_to(path).as_posix()] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return sums
+
+
+def tree_damage(path: Path, checksums: Mapping[str, str]) -> Optional[str]:
+    """What differs between the files under ``path`` and their recorded ``checksums`` (None: nothing)."""
+    try:
+        found = tree_checksums(path)
+    except OSError as err:
+        return f"unreadable ({err})"
+    for name, expected in checksums.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != expected:
+            return f"{name} does not match its checksum (truncated or overwritten)"
+    return None
 
 
 def fsync_tree(path: Path) -> None:

@@ -98,7 +98,9 @@ def parse_row(
                 raise BadRowError(f"completions[{i}]", "each completion must be a mapping", "malformed")
             responses.append(_response_text(completion.get("response"), f"completions[{i}].response"))
             if require_rewards:
-                rewards.append(_reward(_dotted_get(completion, score_field), f"completions[{i}].{score_field}"))
+                # openbmb/UltraFeedback writes its annotation ratings as text ("5"): read those as numbers here
+                rewards.append(_reward(_dotted_get(completion, score_field), f"completions[{i}].{score_field}",
+                                       text_allowed=True))
     else:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
@@ -108,7 +110,22 @@ def parse_row(
         raise BadRowError(
             "rewards", f"{len(responses)} responses but {len(rewards)} rewards", "count_mismatch"
         )
+    if rewards is not None:
+        _refuse_contradictions(responses, rewards)
     return prompt, responses, rewards
+
+
+def _refuse_contradictions(responses: Sequence[str], rewards: Sequence[float]) -> None:
+    """One text with two rewards is a labelling error: a pairwise loss would train on a pair whose chosen and
+    rejected answers are the same text."""
+    first_seen: dict[str, int] = {}
+    for index, response in enumerate(responses):
+        earlier = first_seen.setdefault(response, index)
+        if earlier != index and rewards[earlier] != rewards[index]:
+            raise BadRowError(
+                "responses", f"responses {earlier} and {index} are the same text with rewards {rewards[earlier]} and "
+                f"{rewards[index]}", "contradicting_duplicate",
+            )
 
 
 def _require(row: Mapping[str, Any], field: str) -> Any:
@@ -150,9 +167,12 @@ def _response_text(value: Any, field: str) -> str:
     return value
 
 
-def _reward(value: Any, field: str) -> float:
+def _reward(value: Any, field: str, text_allowed: bool = False) -> float:
     if value is None:
         raise BadRowError(field, "reward is missing", "missing_reward")
+    if isinstance(value, bool) or (isinstance(value, (str, bytes)) and not text_allowed):
+        # "0.5" or true where the layout holds numbers: a quoting or export mistake, not a score
+        raise BadRowError(field, f"reward {value!r} is a {type(value).__name__}, not a number", "non_numeric_reward")
     try:
         reward = float(value)
     except (TypeError, ValueError):

@@ -30,7 +30,7 @@ from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from rao_tune.data._rows import BadRowError, parse_row
 from rao_tune.data._sources import RawRows, RowReader, data_identity, load_rows
-from rao_tune.files import fsync_tree, write_atomically
+from rao_tune.files import fsync_tree, tree_checksums, tree_damage, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,19 @@ class RewardAnnotatedDataset(Dataset):
                 log.info("%s: rewards standardized: (r - %.6g) / %.6g", self.origin, self._reward_shift, self._reward_scale)
         if responses_per_prompt is not None or standardize_rewards:
             self.fingerprint += f"-keep{responses_per_prompt}-standardized{standardize_rewards}"
+        self.standardized = standardize_rewards
+
+    def standardize_like(self, training: Any) -> None:
+        """Score these (held-out) rows on ``training``'s reward scale: its mean and standard deviation, not their
+        own, so the targets mean what they meant in training (and for its z0)."""
+        if not getattr(training, "standardized", False):
+            raise ValueError(f"{self.origin}: standardize_rewards is set for the held-out data but not for the "
+                             "training data; set it the same on dataset and eval_dataset")
+        self._reward_shift, self._reward_scale = training._reward_shift, training._reward_scale
+        self.fingerprint += f"-scale{self._reward_shift:.17g}/{self._reward_scale:.17g}"
+        if _is_rank_zero():
+            log.info("%s: rewards standardized with the training data's (r - %.6g) / %.6g", self.origin,
+                     self._reward_shift, self._reward_scale)
 
     def _kept(self, per_prompt: list[list]) -> list[list]:
         return per_prompt if self._keep is None else [values[: self._keep] for values in per_prompt]
@@ -181,7 +194,7 @@ class RewardAnnotatedDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------ tokenize once
-_FORMAT = "rao_tune.tokenized.v1"  # change when the tokenized layout or its rules change
+_FORMAT = "rao_tune.tokenized.v2"  # change when the tokenized layout or its rules change (v2: contradicting duplicates)
 _FEATURES = Features({
     "prompt_tokens": Sequence(Value("int32")),
     "response_tokens": Sequence(Sequence(Value("int32"))),
@@ -212,6 +225,15 @@ def tokenizer_identity(tokenizer: ModelTokenizer) -> str:
         return "probe:" + hashlib.sha256(f"{type(tokenizer).__qualname__}:{tokens}".encode()).hexdigest()
 
 
+def _copy_damage(path: Path) -> Optional[str]:
+    """Why the tokenized copy at ``path`` cannot be used (None: it checks out against its recorded checksums)."""
+    try:
+        checksums = json.loads((path / "meta.json").read_text())["checksums"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"meta.json unreadable: {err!r}"
+    return tree_damage(path / "rows", checksums)
+
+
 def tokenized_copy(
     tokenizer: ModelTokenizer,
     identity: str,
@@ -227,8 +249,12 @@ def tokenized_copy(
         sort_keys=True).encode()).hexdigest()
     path = cache_dir / key[:24]
     if (path / "meta.json").exists():
-        log.info("tokenized copy found in %s", path)
-        return path
+        damage = _copy_damage(path)
+        if damage is None:
+            log.info("tokenized copy found in %s", path)
+            return path
+        log.warning("tokenized copy %s is damaged (%s): tokenizing again", path, damage)
+        shutil.rmtree(path, ignore_errors=True)
 
     started = time.perf_counter()
     raw = load()
@@ -255,6 +281,7 @@ def tokenized_copy(
     partial_path = cache_dir / f"{key[:24]}.partial-{os.getpid()}"
     shutil.rmtree(partial_path, ignore_errors=True)
     kept.save_to_disk(str(partial_path / "rows"))
+    meta["checksums"] = tree_checksums(partial_path / "rows")  # verified at each load: a bad copy is rebuilt
     write_atomically(partial_path / "meta.json", json.dumps(meta, indent=2) + "\n")
     fsync_tree(partial_path)
     try:

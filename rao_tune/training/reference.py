@@ -138,6 +138,31 @@ def compute_reference_logps(
     return ReferenceLogProbs(response_logps.cpu(), offsets, prompt_logps.cpu())
 
 
+_TABLE_FIELDS = ("response_logps", "offsets", "prompt_logps")
+
+
+def _table_checksum(table: Any) -> str:
+    """sha256 of the table's numbers (a dict of tensors or a :class:`ReferenceLogProbs`)."""
+    digest = hashlib.sha256()
+    for name in _TABLE_FIELDS:
+        tensor = table[name] if isinstance(table, dict) else getattr(table, name)
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_table(path: Path) -> tuple[Optional[dict], Optional[str]]:
+    """The stored table and None, or None and why it cannot be used (unreadable, no or a wrong checksum)."""
+    try:
+        stored = torch.load(path, weights_only=True)
+        if "checksum" not in stored:
+            return None, "no checksum (written by an older version)"
+        if _table_checksum(stored) != stored["checksum"]:
+            return None, "its numbers do not match their checksum"
+        return stored, None
+    except Exception as err:  # a truncated zip, a file of zeros, a pickle of something else
+        return None, f"unreadable: {type(err).__name__}: {err}"
+
+
 def load_or_compute_reference_logps(
     cache_dir: Path,
     fingerprint: Callable[[], str],
@@ -154,8 +179,10 @@ def load_or_compute_reference_logps(
         path = cache_dir / f"{key[:24]}.pt"
         found = [key, None]
         if path.exists():
-            stored = torch.load(path, weights_only=True)
-            if stored.get("fingerprint") == key:
+            stored, damage = _read_table(path)
+            if damage is not None:
+                log.warning("Reference log-probs %s are damaged (%s): computing them again", path, damage)
+            elif stored.get("fingerprint") == key:
                 found[1] = stored
                 log.info("Reference log-probs: reusing %s (no reference model is loaded)", path)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -172,7 +199,7 @@ def load_or_compute_reference_logps(
         path = cache_dir / f"{key[:24]}.pt"
         torch_save_atomically(
             {"fingerprint": key, "format": FORMAT_VERSION, "response_logps": table.response_logps,
-             "offsets": table.offsets, "prompt_logps": table.prompt_logps},
+             "offsets": table.offsets, "prompt_logps": table.prompt_logps, "checksum": _table_checksum(table)},
             path,
         )
         log.info("Reference log-probs of %d examples written to %s", len(table), path)
