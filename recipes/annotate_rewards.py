@@ -20,6 +20,7 @@ from torchtune import config, utils
 
 from rao_tune.annotate import annotate
 from rao_tune.training.distributed import init_distributed
+from rao_tune.training.errors import run_main
 
 log = utils.get_logger("INFO")
 
@@ -55,4 +56,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

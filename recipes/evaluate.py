@@ -26,6 +26,7 @@ from rao_tune.eval.generation import load_for_inference
 from rao_tune.eval.lm_eval_model import TorchtuneLM
 from rao_tune.eval.report import results_table
 from rao_tune.files import write_atomically
+from rao_tune.training.errors import run_main
 
 log = utils.get_logger("INFO")
 
@@ -97,4 +98,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

@@ -23,6 +23,7 @@ from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune import config, training, utils
 
 from rao_tune.training.checkpoint import STAGING_DIR, complete_checkpoints, read_trainer_state, write_hf_export
+from rao_tune.training.errors import run_main
 from rao_tune.training.lora import AdapterExport, freeze_all_but_adapters, initial_adapter_state, lora_settings
 
 log = utils.get_logger("INFO")
@@ -72,4 +73,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

@@ -32,6 +32,7 @@ from rao_tune.eval.judges import (
     write_alpaca_eval_outputs,
     write_mt_bench_answers,
 )
+from rao_tune.training.errors import run_main
 
 log = utils.get_logger("INFO")
 
@@ -111,4 +112,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

@@ -38,6 +38,7 @@ from torchtune import config, rlhf, training, utils
 from rao_tune.eval.generation import stop_token_ids
 from rao_tune.training.attention import packed_collator
 from rao_tune.training.distributed import all_reduce_sum
+from rao_tune.training.errors import run_main
 from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, refuse_output_adapter
 from rao_tune.training.loop import held_out_sums
 from rao_tune.training.model import setup_fsdp_model
@@ -87,7 +88,7 @@ class PPORecipeDistributed(DistributedRecipe):
             raise ValueError(f"batch_size={cfg.batch_size} prompts do not split into ppo_minibatches={self._ppo_minibatches}")
         self.updates_per_step = self._ppo_epochs * self._ppo_minibatches  # the LR schedule counts every update
         self._stop_tokens = stop_token_ids(self._tokenizer)
-        self._chunk_tokens = cfg.get("logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
+        self._chunk_tokens = cfg.get("logprob_chunk_tokens", None) or DEFAULT_CHUNK_TOKENS  # null: the default
 
         meta_model = self.check_model_inputs(cfg, self._dataset, self._eval_dataset)
         refuse_output_adapter(meta_model)
@@ -254,4 +255,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

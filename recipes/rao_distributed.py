@@ -23,6 +23,7 @@ from torchtune import config, training, utils
 
 from rao_tune.losses import LossOutput, ResponseLogProbs
 from rao_tune.training.distributed import all_reduce_sum
+from rao_tune.training.errors import run_main
 from rao_tune.training.loop import free_memory, held_out_sums
 from rao_tune.training.logprobs import DEFAULT_CHUNK_TOKENS, refuse_output_adapter, sequence_logps
 from rao_tune.training.metrics import add_statistics, finalize_preference_metrics, preference_statistics
@@ -66,7 +67,7 @@ class RAORecipeDistributed(DistributedRecipe):
         if needs_reference and cfg.get("ref_checkpointer") is not None:
             check_checkpoint_matches_model(cfg.ref_checkpointer, meta_model)
         self._collate = self.batch_collator(cfg, meta_model, self._dataset, self._eval_dataset)
-        self._chunk_tokens = cfg.get("logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
+        self._chunk_tokens = cfg.get("logprob_chunk_tokens", None) or DEFAULT_CHUNK_TOKENS  # null: the default
 
         refuse_output_adapter(meta_model)  # before any weight loads
         checkpoint = self.load_starting_checkpoint(cfg)
@@ -245,4 +246,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

@@ -24,6 +24,7 @@ from rao_tune.losses import PairwiseOutput
 from rao_tune.models import last_token_scores
 from rao_tune.training.attention import model_inputs
 from rao_tune.training.distributed import all_reduce_sum
+from rao_tune.training.errors import run_main
 from rao_tune.training.loop import held_out_sums
 from rao_tune.training.model import setup_fsdp_model
 from rao_tune.training.preflight import instantiate_checked
@@ -133,4 +134,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

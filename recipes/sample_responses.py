@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from rao_tune.data.reward_dataset import tokenize_prompt
 from rao_tune.eval.generation import decode_text, generate_tokens, load_for_inference, stop_token_ids
 from rao_tune.files import write_atomically
+from rao_tune.training.errors import run_main
 
 log = utils.get_logger("INFO")
 
@@ -67,4 +68,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

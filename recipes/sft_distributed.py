@@ -21,6 +21,7 @@ from torchtune import config, training, utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
 from rao_tune.training.distributed import all_reduce_sum
+from rao_tune.training.errors import run_main
 from rao_tune.training.model import setup_fsdp_model
 from rao_tune.training.recipe_base import DistributedRecipe, run_recipe
 
@@ -85,4 +86,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    sys.exit(run_main(recipe_main))

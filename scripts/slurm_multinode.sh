@@ -10,10 +10,17 @@
 # checkpoints into output_dir/checkpoints) and for RAO_TUNE_CACHE (rank 0 tokenizes the data once and every
 # process memory-maps the copy; a node that cannot see it tokenizes again). The job runs with
 # resume_from_checkpoint=auto overwrite=True, so a requeued or resubmitted job continues from the newest complete
-# step checkpoint (same number of nodes and GPUs: the data order depends on the number of processes), or starts
-# afresh if it died before its first one; pass resume_from_checkpoint=False overwrite=False to refuse both.
+# step checkpoint, on any number of nodes whose processes divide the global batch (gradient accumulation absorbs
+# the change), or starts afresh if it died before its first one; pass resume_from_checkpoint=False overwrite=False
+# to refuse both.
+#
+# Preemption: Slurm sends SIGTERM 120 s before the time limit (--signal) or a preemption; torchrun forwards it to
+# every worker, which finishes its optimizer step, writes a step checkpoint and stops, leaving
+# output_dir/preempted.json. This script then requeues the job (--requeue), which resumes from that checkpoint.
 #
 #SBATCH --job-name=rao-tune
+#SBATCH --signal=TERM@120
+#SBATCH --requeue
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
@@ -37,11 +44,23 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # Fail fast (instead of hanging until the collective timeout) if one node dies mid-collective.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
+# The run folder, from the overrides or the config (for the preemption note).
+output_dir=$(printf '%s\n' "$@" | sed -n 's/^output_dir=//p' | tail -n 1)
+output_dir=${output_dir:-$(sed -n 's/^output_dir: *//p' "$config" | head -n 1)}
+
 echo "$SLURM_JOB_NUM_NODES nodes x $gpus_per_node GPUs, rendezvous at $rendezvous_host:$rendezvous_port"
+status=0
 srun --kill-on-bad-exit=1 tune run \
     --nnodes "$SLURM_JOB_NUM_NODES" \
     --nproc_per_node "$gpus_per_node" \
     --rdzv_backend c10d \
     --rdzv_endpoint "$rendezvous_host:$rendezvous_port" \
     --rdzv_id "$SLURM_JOB_ID" \
-    "$recipe" --config "$config" resume_from_checkpoint=auto overwrite=True "$@"
+    "$recipe" --config "$config" resume_from_checkpoint=auto overwrite=True "$@" || status=$?
+
+if [[ -n "$output_dir" && -f "$output_dir/preempted.json" ]]; then
+    echo "preempted, checkpoint saved: $(cat "$output_dir/preempted.json"); requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$status"

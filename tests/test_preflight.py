@@ -140,7 +140,7 @@ def test_a_run_folder_is_never_clobbered(monkeypatch, tmp_path, tiny_assets, cap
 
     # Resuming a finished run says so, loads nothing and exits normally.
     capsys.readouterr()
-    assert run(monkeypatch, tiny_assets, output_dir, *short, "resume_from_checkpoint=True") == []
+    assert run(monkeypatch, tiny_assets, output_dir, *short, "loss.beta=0.5", "resume_from_checkpoint=True") == []
     assert "the run already finished its 1 epochs (step_00000002); nothing to do" in capsys.readouterr().out
 
 
@@ -152,8 +152,9 @@ def test_a_resume_with_other_run_settings_is_refused_before_loading(monkeypatch,
     with pytest.raises(StopAfterFirstEpoch):
         run_recipe_in_process(monkeypatch, recipe, CONFIG, f"assets_dir={tiny_assets['out_dir']}",
                               f"output_dir={output_dir}", *settings)
-    refused(monkeypatch, tiny_assets, tmp_path, r"step_00000002 was written with other settings batch_size=4 "
-            r"\(now 2\); resume with the original ones", *settings, "batch_size=2", "resume_from_checkpoint=True")
+    refused(monkeypatch, tiny_assets, tmp_path, r"step_00000002 was written with other settings global batch "
+            r"\(processes x batch_size x gradient_accumulation_steps\) = 1 x 4 x 1 \(now 1 x 2 x 1\); resume with the "
+            r"original ones", *settings, "batch_size=2", "resume_from_checkpoint=True")
 
 
 def test_resume_auto_starts_fresh_or_resumes(monkeypatch, tmp_path, tiny_assets):

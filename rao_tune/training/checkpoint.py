@@ -20,20 +20,24 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torchtune import training, utils
 
 from rao_tune.files import fsync_tree, replace_dir, torch_save_atomically
+from rao_tune.training.errors import CheckpointWriteError
 from rao_tune.training.lora import ADAPTER_DIR, AdapterExport
 from rao_tune.training.optim_in_backward import checkpointed_optimizers
 
@@ -43,6 +47,7 @@ CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"  # torchtune's checkpointer writes exports here before they are renamed into place
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_TORCH_WRITE_FAILED = re.compile(r"PytorchStreamWriter|inline_container|file write failed")
 # Settings a resumed run must share with the run it continues (else its data order or schedule would shift).
 WRITER_THREADS = 4  # files each process writes at once (measured: 4 threads save 10-30% faster than 1)
 RUN_SETTINGS = ("seed", "total_epochs", "max_steps_per_epoch", "steps_per_epoch", "world_size", "batch_size",
@@ -110,10 +115,37 @@ class StepCheckpointer:
     def save(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any, progress: Progress,
         run_settings: dict[str, Any],
-    ) -> None:
+    ) -> Path:
+        """Write ``checkpoints/step_{global_step}`` (committed now, or by :meth:`finish` when asynchronous); its path.
+        A failed write raises :class:`CheckpointWriteError` with the cause in one line."""
         self.finish()  # one checkpoint at a time: the previous one is committed first
-        started = time.perf_counter()
         final = self.root / f"step_{progress.global_step:08d}"
+        thread_errors: list[BaseException] = []
+        try:
+            with _writer_thread_errors(thread_errors):
+                return self._save(model, optimizer, lr_scheduler, progress, run_settings, final)
+        except (Exception, CheckpointException) as err:  # (DCP's is a BaseException)
+            self._raise_write_error(final, err, thread_errors)
+            raise
+
+    def _raise_write_error(self, final: Path, err: BaseException, thread_errors: list[BaseException] = ()) -> None:
+        """A failed write (an OSError, or torch.save's zip writer failing, possibly inside DCP's per-rank report or
+        a writer thread) as one line; anything else is a bug and is left to propagate as it is."""
+        if _write_failure(err) is None:
+            return
+        causes = [_write_failure(error) for error in (err, *thread_errors)]
+        cause = next((c for c in causes if isinstance(c, OSError)), causes[0])
+        newest = complete_checkpoints(self.root.parent)
+        free = shutil.disk_usage(self.root).free / 2**20 if self.root.exists() else float("nan")
+        raise CheckpointWriteError(
+            f"the step checkpoint {final.name} could not be written in {self.root} ({type(cause).__name__}: "
+            f"{str(cause).strip()}; {free:.0f} MiB free there); the newest complete checkpoint is "
+            f"{newest[-1].name if newest else 'none yet'}, intact; free space and resume with resume_from_checkpoint=auto"
+        ) from err
+
+    def _save(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any, progress: Progress,
+              run_settings: dict[str, Any], final: Path) -> Path:
+        started = time.perf_counter()
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
             if not self._swept:  # what a killed run left: unfinished saves and removals
@@ -133,9 +165,10 @@ class StepCheckpointer:
         if self.async_save:
             future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
             self._pending = (future, partial, final, started)
-            return
+            return final
         dcp.save(state, storage_writer=writer)
         self._commit(partial, final, started)
+        return final
 
     def finish(self, *, failed: bool = False) -> None:
         """Commit an asynchronous save still in flight (collective; a no-op otherwise). After a failure another
@@ -143,7 +176,13 @@ class StepCheckpointer:
         if self._pending is not None:
             future, partial, final, started = self._pending
             self._pending = None
-            future.result()
+            try:
+                future.result()
+            except (Exception, CheckpointException) as err:
+                if failed:
+                    return
+                self._raise_write_error(final, err)
+                raise
             if not failed:
                 self._commit(partial, final, started)
 
@@ -177,8 +216,38 @@ class StepCheckpointer:
         for group, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
             group["lr"] = lr
         rng_path = Path(checkpoint) / f"rng_rank{self.rank}.pt"
-        _set_rng_state(torch.load(rng_path, weights_only=False))  # our own file: numpy's state is not a tensor
+        if rng_path.exists():
+            _set_rng_state(torch.load(rng_path, weights_only=False))  # our own file: numpy's state is not a tensor
+        else:  # written by fewer processes (an elastic resume): training draws nothing; sampling (PPO) differs
+            log.warning("%s holds no RNG state for rank %d: this process keeps its seeded generators", checkpoint,
+                        self.rank)
         return Progress(**trainer_state["progress"]), trainer_state
+
+
+def _write_failure(err: BaseException) -> Optional[BaseException]:
+    """The failed write behind ``err`` (DCP's per-rank report unwrapped): the OSError itself where the chain holds
+    one (torch.save re-raises a failed write as a RuntimeError of its zip writer), or that RuntimeError; None when
+    ``err`` is not a write failure."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    link: Optional[BaseException] = err
+    while link is not None:
+        if isinstance(link, OSError):
+            return link
+        link = link.__context__
+    return err if _TORCH_WRITE_FAILED.search(str(err)) else None
+
+
+@contextmanager
+def _writer_thread_errors(errors: list[BaseException]) -> Iterator[None]:
+    """DCP's writer threads let a failed write escape, and Python would print each one's traceback: collect them
+    into ``errors`` instead; the save reports the failure once (:meth:`StepCheckpointer._raise_write_error`)."""
+    previous = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def export_hf_checkpoint(

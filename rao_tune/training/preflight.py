@@ -41,7 +41,8 @@ COMMON_KEYS = frozenset({
     "clip_grad_norm", "log_every_n_steps", "resume_from_checkpoint", "overwrite", "metric_logger", "checkpointer",
     "model", "tokenizer", "dataset", "optimizer", "lr_scheduler", "batch_size", "shuffle", "loss",
     "enable_activation_checkpointing", "fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers",
-    "compile", "save_every_n_steps", "keep_last_n", "async_checkpoint", "optimizer_in_bwd",
+    "compile", "save_every_n_steps", "keep_last_n", "async_checkpoint", "optimizer_in_bwd", "save_on_signal",
+    "resume_allow_changes",
 })
 _AT_LEAST_ONE = ("epochs", "batch_size", "gradient_accumulation_steps")
 _NONE_OR_AT_LEAST_ONE = ("max_steps_per_epoch", "save_every_n_steps", "keep_last_n", "log_every_n_steps",
@@ -84,9 +85,24 @@ def check_config(cfg: DictConfig, known_keys: Iterable[str], recipe_name: str) -
         if cfg.get("gradient_accumulation_steps", 1) != 1:
             raise ValueError("config: optimizer_in_bwd=True steps after every backward: set gradient_accumulation_steps=1 "
                              "(raise batch_size instead)")
+    check_checkpoint_dirs(cfg)
     device = str(cfg.get("device", "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"config: device={device} but no CUDA GPU is visible to this process; use device=cpu")
+
+
+def check_checkpoint_dirs(cfg: DictConfig) -> None:
+    """Every configured checkpointer's ``checkpoint_dir`` exists, named by its key (and the variable it comes
+    from), before anything starts: not after minutes of loading the models configured before it."""
+    for key in cfg:
+        node = cfg.get(key)
+        if not (str(key).endswith("checkpointer") and isinstance(node, DictConfig) and "checkpoint_dir" in node):
+            continue
+        folder = Path(str(node.checkpoint_dir))
+        if not folder.is_dir():
+            written = OmegaConf.to_container(node, resolve=False)["checkpoint_dir"]
+            source = f" (= {written})" if str(written) != str(folder) else ""
+            raise ValueError(f"config: {key}.checkpoint_dir{source} is {folder}, which is not a folder")
 
 
 def check_output_dir(cfg: DictConfig) -> Optional[Path]:
@@ -104,26 +120,42 @@ def check_output_dir(cfg: DictConfig) -> Optional[Path]:
     if resume is True and not checkpoints:
         raise ValueError(
             f"resume_from_checkpoint=True but {output_dir / CHECKPOINTS_DIR} holds no complete checkpoint "
-            "(a run saves one every save_every_n_steps steps and at each epoch end); resume_from_checkpoint=auto "
-            "starts fresh in that case"
+            "(a run saves one every save_every_n_steps steps, at each epoch end and on a preemption signal); "
+            "resume_from_checkpoint=auto starts fresh in that case"
         )
     if resume and checkpoints:
         check_resume_settings(cfg, checkpoints[-1])
         return checkpoints[-1]
     previous = _previous_run(cfg, output_dir)
-    if previous and not cfg.get("overwrite", False):
+    # auto and no checkpoint: a run that died before its first one left only logs and metrics, nothing a resume
+    # could use; its exports (if any) are kept and refused below like any other run's.
+    restartable = resume == "auto" and not any(path.name.startswith(("epoch_", "step_")) for path in previous)
+    if previous and not cfg.get("overwrite", False) and not restartable:
         raise ValueError(
             f"output_dir {output_dir} already holds a run ({', '.join(p.name for p in previous)}): resume it with "
             "resume_from_checkpoint=True, replace it with overwrite=True, or choose another output_dir"
         )
-    if previous and _is_launch_rank_zero():  # before the process group starts: only one process deletes
-        for stale in previous:
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-        log.warning("overwrite=True: cleared the previous run in %s", output_dir)
+    if previous and is_launch_rank_zero():  # before the process group starts: only one process deletes
+        _remove(previous)
+        log.warning("%s: cleared the previous run in %s (%s)",
+                    "overwrite=True" if cfg.get("overwrite", False) else "resume_from_checkpoint=auto without a checkpoint",
+                    output_dir, ", ".join(path.name for path in previous))
     return None
+
+
+def clear_failed_start(cfg: DictConfig) -> None:
+    """Remove what a fresh start that failed before its first step wrote (metrics, logs in ``output_dir``), so the
+    folder does not "hold a run" for the next start. The caller knows the folder held none when it began."""
+    previous = _previous_run(cfg, Path(cfg.output_dir))
+    _remove([path for path in previous if not path.name.startswith(("epoch_", "step_"))])
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    for stale in paths:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _previous_run(cfg: DictConfig, output_dir: Path) -> list[Path]:
@@ -143,23 +175,120 @@ def _previous_run(cfg: DictConfig, output_dir: Path) -> list[Path]:
         return []
 
 
+# What a resume must not change silently (compared before anything loads): these config nodes and keys, leaf by
+# leaf, except where files live (folders move between clusters). ``resume_allow_changes`` names deliberate changes.
+RESUME_COMPARED = ("loss", "optimizer", "lr_scheduler", "model", "shuffle", "clip_grad_norm", "dtype", "value_lr",
+                   "samples_per_prompt", "max_generated_tokens", "missing_eos_score", "kl_coeff", "gamma", "lmbda")
+_WHERE_FILES_LIVE = re.compile(r"(^|_)(dir|path|paths|files?)$")
+
+
+def config_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The compared part of ``cfg`` as flat ``dotted.key -> value`` (what a step checkpoint records)."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _WHERE_FILES_LIVE.search(str(key)):
+                    visit(f"{prefix}.{key}", item)
+        else:
+            flat[prefix] = value
+
+    for key in RESUME_COMPARED:
+        if key in cfg:
+            visit(key, OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key])
+    return flat
+
+
+_UNSET = "(unset)"
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, saved, now)`` for each key set in either that differs."""
+    return [(key, saved.get(key, _UNSET), current.get(key, _UNSET)) for key in sorted(set(saved) | set(current))
+            if saved.get(key, _UNSET) != current.get(key, _UNSET)]
+
+
+def refuse_unallowed_changes(checkpoint: Path, changes: list[tuple[str, Any, Any]], allowed: Iterable[str]) -> None:
+    """Refuse ``changes`` (``(key, old, new)``) unless ``resume_allow_changes`` names each key or a node above it;
+    the allowed ones are logged."""
+    allowed = [str(name) for name in allowed or ()]
+
+    def covered(key: str) -> bool:
+        return any(key == name or key.startswith(f"{name}.") for name in allowed)
+
+    refused = [(key, old, new) for key, old, new in changes if not covered(key)]
+    if refused:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint} was written with other settings ({listed}); resume with the "
+            f"original ones, or name the changes you mean in resume_allow_changes=[{', '.join(k for k, _, _ in refused)}]"
+        )
+    for key, old, new in changes:
+        log.warning("resume_from_checkpoint: allowed change %s: %r -> %r", key, old, new)
+
+
 def check_resume_settings(cfg: DictConfig, checkpoint: Path) -> None:
-    """The settings that fix the data order and the LR schedule, as far as the config states them, must be the
-    checkpoint's (the recipe checks the rest, e.g. the number of processes, once it knows them)."""
+    """The settings that fix the data order and the LR schedule, and the loss, optimizer, schedule and model
+    settings, as far as the config states them, must be the checkpoint's unless ``resume_allow_changes`` names
+    them (the recipe checks the data's fingerprint once the data is read)."""
     saved = read_trainer_state(checkpoint)
+    if "config_settings" in saved:  # (checkpoints written before it was recorded: not compared)
+        refuse_unallowed_changes(checkpoint, changed_settings(saved["config_settings"], config_settings(cfg)),
+                                 cfg.get("resume_allow_changes", None))
     stated = {"seed": cfg.get("seed"), "total_epochs": cfg.get("epochs"),
               "max_steps_per_epoch": cfg.get("max_steps_per_epoch"), "batch_size": cfg.get("batch_size"),
               "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps"),
               "optimizer_in_bwd": bool(cfg.get("optimizer_in_bwd", False))}
     if stated["seed"] is None:  # a null seed is drawn at random: a resume continues with the one drawn then
         stated["seed"] = saved["seed"]
+    stated["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = absorbed_accumulation(saved, stated)
+    if accumulation != stated["gradient_accumulation_steps"]:
+        log.warning(
+            "resume_from_checkpoint: %d processes instead of %d; gradient_accumulation_steps %s -> %d keeps the global "
+            "batch of %d prompts (batch_size %s per process)", stated["world_size"], saved["world_size"],
+            stated["gradient_accumulation_steps"], accumulation, global_batch(saved), stated["batch_size"])
+        cfg.gradient_accumulation_steps = stated["gradient_accumulation_steps"] = accumulation
+        if stated["optimizer_in_bwd"] and accumulation != 1:
+            raise ValueError(
+                f"resume_from_checkpoint: {checkpoint} had a global batch of {global_batch(saved)} prompts; with "
+                f"{stated['world_size']} processes and optimizer_in_bwd=True (no accumulation) set "
+                f"batch_size={global_batch(saved) // stated['world_size']}")
     refuse_changed_settings(checkpoint, saved, stated)
 
 
+# A step checkpoint resumes on another number of processes: model and optimizer reshard through DCP, and every
+# optimizer step covers the same global batch of the seeded permutation (positions [s G, (s + 1) G) of it, whatever
+# the processes), so only the product G of these three must stay.
+ELASTIC_SETTINGS = ("world_size", "batch_size", "gradient_accumulation_steps")
+
+
+def global_batch(settings: dict[str, Any]) -> int:
+    return settings["world_size"] * settings["batch_size"] * settings["gradient_accumulation_steps"]
+
+
+def absorbed_accumulation(saved: dict[str, Any], current: dict[str, Any]) -> int:
+    """The gradient accumulation that keeps ``saved``'s global batch with ``current``'s processes and batch size,
+    when the configured one does not and the process count changed (else the configured one)."""
+    if current["world_size"] == saved["world_size"] or global_batch(saved) == global_batch(current):
+        return current["gradient_accumulation_steps"]
+    per_step = current["world_size"] * current["batch_size"]
+    return global_batch(saved) // per_step if global_batch(saved) % per_step == 0 else current["gradient_accumulation_steps"]
+
+
 def refuse_changed_settings(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Name every setting of ``current`` that differs from the one ``checkpoint`` was written with."""
+    """Name every setting of ``current`` that differs from the one ``checkpoint`` was written with (the process
+    count, batch size and accumulation only through their product, the global batch)."""
     saved = {**SETTING_DEFAULTS, **saved}
-    changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in current.items() if saved.get(key) != value]
+    changed = [f"{key}={saved.get(key)!r} (now {value!r})" for key, value in current.items()
+               if key not in ELASTIC_SETTINGS and saved.get(key) != value]
+    if all(key in current and key in saved for key in ELASTIC_SETTINGS) and global_batch(saved) != global_batch(current):
+        changed.append(
+            f"global batch (processes x batch_size x gradient_accumulation_steps) = {saved['world_size']} x "
+            f"{saved['batch_size']} x {saved['gradient_accumulation_steps']} (now {current['world_size']} x "
+            f"{current['batch_size']} x {current['gradient_accumulation_steps']})"
+        )
     if changed:
         raise ValueError(
             f"resume_from_checkpoint: {checkpoint} was written with other settings {', '.join(changed)}; resume "
@@ -172,7 +301,7 @@ def finished(checkpoint: Optional[Path], total_epochs: int) -> bool:
     return checkpoint is not None and read_trainer_state(checkpoint)["progress"]["epoch"] >= total_epochs
 
 
-def _is_launch_rank_zero() -> bool:
+def is_launch_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -180,6 +309,8 @@ def instantiate_checked(cfg_node: DictConfig, *args: Any, what: str) -> Any:
     """``config.instantiate`` that names a misspelt argument and the closest one the component takes."""
     try:
         return config.instantiate(cfg_node, *args)
+    except FileNotFoundError as err:
+        raise ValueError(f"config: {what}: {err}") from None
     except TypeError as err:
         match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
         if match is None:

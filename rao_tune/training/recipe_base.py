@@ -31,6 +31,8 @@ from rao_tune.training.checkpoint import (
     export_hf_checkpoint,
     read_trainer_state,
 )
+from rao_tune.training.cluster import (DEFAULT_SIGNALS, PreemptionWatch, Preempted, RunLock, clear_preempted,
+                                       signal_numbers, write_preempted)
 from rao_tune.training.distributed import init_distributed
 from rao_tune.training.lora import AdapterExport, lora_settings
 from rao_tune.training.loop import build_dataloader, guarded_optimizer_step, setup_optimizer, steps_per_epoch
@@ -43,9 +45,13 @@ from rao_tune.training.preflight import (
     check_config,
     check_output_dir,
     check_token_ids,
+    clear_failed_start,
+    config_settings,
     finished,
     instantiate_checked,
+    is_launch_rank_zero,
     refuse_changed_settings,
+    refuse_unallowed_changes,
 )
 
 log = logging.getLogger(__name__)
@@ -79,11 +85,18 @@ class DistributedRecipe:
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._output_dir = Path(cfg.output_dir)
         self._resume_from = resume_from
+        self._config_settings = config_settings(cfg)  # recorded in step checkpoints; a resume compares them
+        self._allowed_changes = cfg.get("resume_allow_changes", None)
+        self._data_fingerprint: Optional[str] = None  # the training data's, once read
         self.progress = Progress()
         self._step_checkpointer = StepCheckpointer(
             self._output_dir, keep_last_n=cfg.get("keep_last_n", None),
             async_save=cfg.get("async_checkpoint", False), rank=self.rank,
         )
+        # A scheduler's warning signal (SIGTERM/SIGUSR1) is acted on at the end of the step in progress.
+        self._preemption = PreemptionWatch(signal_numbers(cfg.get("save_on_signal", list(DEFAULT_SIGNALS))))
+        if self._is_rank_zero:
+            clear_preempted(self._output_dir)  # the note of the stop this run resumes from
 
     @property
     def global_step(self) -> int:
@@ -105,6 +118,15 @@ class DistributedRecipe:
         self._loss_fn = instantiate_checked(cfg.loss, what="loss")
         self._tokenizer = instantiate_checked(cfg.tokenizer, what="tokenizer")
         self._dataset = instantiate_checked(cfg.dataset, self._tokenizer, what="dataset")
+        self.check_resumed_data()
+
+    def check_resumed_data(self) -> None:
+        """A resume reads the data it was trained on: its fingerprint (content, tokenization, reward handling)
+        must be the step checkpoint's, unless ``resume_allow_changes`` names ``dataset``."""
+        saved = read_trainer_state(self._resume_from).get("data_fingerprint") if self._resume_from else None
+        current = self._data_fingerprint = getattr(self._dataset, "fingerprint", None)
+        if saved is not None and current is not None and saved != current:  # the data, its tokenization or rewards
+            refuse_unallowed_changes(self._resume_from, [("dataset", saved, current)], self._allowed_changes)
 
     def setup_held_out(self, cfg: DictConfig) -> None:
         """Held-out rows (``eval_dataset``, tokenized like the training data, or None) for the recipe's
@@ -112,6 +134,8 @@ class DistributedRecipe:
         self._eval_dataset = None
         if cfg.get("eval_dataset") is not None:
             self._eval_dataset = instantiate_checked(cfg.eval_dataset, self._tokenizer, what="eval_dataset")
+            if getattr(self._eval_dataset, "standardized", False):  # on the training data's scale, not its own
+                self._eval_dataset.standardize_like(self._dataset)
         self._eval_every_n_steps = cfg.get("eval_every_n_steps", None)
         self._eval_batch_size = cfg.get("eval_batch_size", None) or cfg.batch_size
         self._evaluated_at: Optional[int] = None  # the step of the last held-out evaluation
@@ -212,12 +236,39 @@ class DistributedRecipe:
             param_groups=param_groups,
         )
         if self._resume_from is not None:
+            configured_lrs = list(self._lr_scheduler.base_lrs)
             self.progress, saved = self._step_checkpointer.load(
                 self._resume_from, model, self._optimizer, self._lr_scheduler
             )
             refuse_changed_settings(self._resume_from, saved, self.run_settings())
+            if list(saved["lr_scheduler"].get("base_lrs", configured_lrs)) != configured_lrs:
+                self._apply_learning_rates(configured_lrs)  # a change resume_allow_changes let through
+            if saved.get("world_size") != self.world_size and self._is_rank_zero:
+                log.warning("Resumed on %d processes a checkpoint written by %s: model and optimizer resharded, the "
+                            "same global batch", self.world_size, saved.get("world_size"))
             utils.log_rank_zero(log, f"Resumed from {self._resume_from}: epoch {self.progress.epoch + 1}, "
                                      f"step {self.progress.global_step}")
+
+    def _apply_learning_rates(self, base_lrs: list[float]) -> None:
+        """The configured peak learning rates from here on, at the schedule's current point (the step checkpoint
+        brought back the old ones)."""
+        scheduler = self._lr_scheduler
+        scheduler.base_lrs = list(base_lrs)
+        factors = [rule(scheduler.last_epoch) for rule in getattr(scheduler, "lr_lambdas", [])]
+        if len(factors) != len(base_lrs):
+            raise ValueError(f"resume_allow_changes: cannot apply a new learning rate through "
+                             f"{type(scheduler).__name__} (a LambdaLR schedule, as torchtune's, is needed)")
+        for group, base, factor in zip(self._optimizer.param_groups, base_lrs, factors):
+            group["initial_lr"], group["lr"] = base, base * factor
+        if self._is_rank_zero:
+            log.warning("resume_allow_changes: peak learning rates now %s, %s at this step", base_lrs,
+                        [group["lr"] for group in self._optimizer.param_groups])
+
+    def checkpoint_settings(self) -> dict[str, Any]:
+        """What a step checkpoint records besides the weights: :meth:`run_settings`, the compared config and the
+        data's fingerprint (a resume refuses changes to them)."""
+        return {**self.run_settings(), "config_settings": self._config_settings,
+                "data_fingerprint": self._data_fingerprint}
 
     def run_settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues."""
@@ -303,8 +354,19 @@ class DistributedRecipe:
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4g}")
         every = self._save_every_n_steps
+        saved = None
         if every and self.global_step % every == 0 and self.progress.step_in_epoch < self._steps_per_epoch:
-            self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.run_settings())
+            saved = self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress,
+                                                 self.checkpoint_settings())
+        signal_name = self._preemption.requested(self._device)
+        if signal_name is not None:
+            if saved is None:
+                saved = self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress,
+                                                     self.checkpoint_settings())
+            self._step_checkpointer.finish()  # an asynchronous save is committed before the process ends
+            if self._is_rank_zero:
+                write_preempted(self._output_dir, signal_name, self.global_step, saved)
+            raise Preempted(signal_name, self.global_step, saved)
 
     def evaluate_if_due(self, *, now: bool = False) -> None:
         """The recipe's ``evaluate`` on the held-out rows, if there are any: ``now`` (an epoch's end, before
@@ -327,9 +389,10 @@ class DistributedRecipe:
             device=self._device, is_rank_zero=self._is_rank_zero,
             adapters=AdapterExport.for_model(export, self._checkpointer_cfg),
         )
-        self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.run_settings())
+        self._step_checkpointer.save(model, self._optimizer, self._lr_scheduler, self.progress, self.checkpoint_settings())
 
     def cleanup(self, *, failed: bool = False) -> None:
+        self._preemption.close()
         self._step_checkpointer.finish(failed=failed)
         if self._is_rank_zero and hasattr(self, "_metric_logger"):
             self._metric_logger.close()
@@ -345,21 +408,29 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def run_recipe(recipe_cls: type, cfg: DictConfig) -> None:
-    """Check the config and the run folder (before any process group, model or data), then construct, set up,
-    train, and always leave the process group. Resuming a finished run says so and returns."""
+    """Check the config, take the run folder's lock (launch rank 0) and check the folder (before any process
+    group, model or data), then construct, set up, train, and always leave the process group. Resuming a finished
+    run says so and returns. A fresh start that fails before its first step leaves nothing that makes the folder
+    hold a run; a preemption (:class:`Preempted`) saves first, then propagates."""
     check_config(cfg, COMMON_KEYS | recipe_cls.CONFIG_KEYS, recipe_cls.__name__)
-    resume_from = check_output_dir(cfg)
-    if finished(resume_from, cfg.epochs):
-        log.warning("%s already finished its %d epochs (%s): nothing to resume", cfg.output_dir, cfg.epochs,
-                    resume_from.name)
-        print(f"{cfg.output_dir}: the run already finished its {cfg.epochs} epochs ({resume_from.name}); nothing to do")
-        return
-    recipe = recipe_cls(cfg=cfg, resume_from=resume_from)
-    config.log_config(recipe_name=recipe_cls.__name__, cfg=cfg)
-    try:
-        recipe.setup(cfg=cfg)
-        recipe.train()
-    except BaseException:
-        recipe.cleanup(failed=True)
-        raise
-    recipe.cleanup()
+    with RunLock(cfg.output_dir) if is_launch_rank_zero() else nullcontext():
+        resume_from = check_output_dir(cfg)
+        if finished(resume_from, cfg.epochs):
+            log.warning("%s already finished its %d epochs (%s): nothing to resume", cfg.output_dir, cfg.epochs,
+                        resume_from.name)
+            print(f"{cfg.output_dir}: the run already finished its {cfg.epochs} epochs ({resume_from.name}); nothing to do")
+            return
+        recipe = recipe_cls(cfg=cfg, resume_from=resume_from)
+        config.log_config(recipe_name=recipe_cls.__name__, cfg=cfg)
+        try:
+            recipe.setup(cfg=cfg)
+            recipe.train()
+        except Preempted:
+            recipe.cleanup()
+            raise
+        except BaseException:
+            recipe.cleanup(failed=True)
+            if resume_from is None and recipe.global_step == 0 and is_launch_rank_zero():
+                clear_failed_start(cfg)
+            raise
+        recipe.cleanup()
