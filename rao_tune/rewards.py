@@ -110,7 +110,7 @@ class RewardModelScorer:
                                   model_max_seq_len=self.model.max_seq_len)
         batch = collate(samples)
         batch = {key: value.to(self.device) for key, value in batch.items()}
-        outputs = self.model(batch["tokens"], **model_inputs(batch))
+        outputs = self.model(batch["tokens"], **model_inputs(batch, self.model))
         return last_token_scores(outputs, batch["last_positions"]).cpu().tolist()
 
 

@@ -84,7 +84,7 @@ class RewardModelRecipeDistributed(DistributedRecipe):
 
     # ------------------------------------------------------------------ one micro-batch
     def _pairwise_step(self, batch: dict[str, torch.Tensor]) -> PairwiseOutput:
-        scores = last_token_scores(self._model(batch["tokens"], **model_inputs(batch)), batch["last_positions"])
+        scores = last_token_scores(self._model(batch["tokens"], **model_inputs(batch, self._model)), batch["last_positions"])
         return self._loss_fn(scores, batch["rewards"], batch["prompt_ids"])
 
     # ------------------------------------------------------------------ held-out loss and accuracy

@@ -10,6 +10,8 @@ Modes (the same model, workload and optimizer; each mode runs in its own process
     precomputed    padded + reference log-probs computed before training (no reference forward, no second model)
     packed         padded -> packed prefix-shared rows (each prompt once, no padding but the row's tail)
     all            packed + fused + precomputed: what the recipes do by default
+    all_dense_mask all, but packed rows attended through SDPA with a dense boolean mask over the whole row (as
+                   before the CPU attention over the allowed blocks only; on CUDA flex attention is used by both)
     sft_torchtune  an SFT step over the same responses as torchtune's SFT recipe does it (padded prompt+response
                    rows, ``CEWithChunkedOutputLoss``): the floor a preference step is compared with
     sft_fused      an SFT step on rao-tune's path (packed + fused), over the same responses
@@ -61,8 +63,8 @@ from typing import Any, Callable
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-MODES = ("torchtune", "padded", "fused", "precomputed", "packed", "all", "sft_torchtune", "sft_fused", "trl",
-         "trl_precomputed")
+MODES = ("torchtune", "padded", "fused", "precomputed", "packed", "all", "all_dense_mask", "sft_torchtune",
+         "sft_fused", "trl", "trl_precomputed")
 OPTIMIZERS = ("adamw", "adamw+in_bwd", "adamw8bit", "adamw8bit+in_bwd")
 TRL_MODES = ("trl", "trl_precomputed")
 PAIRWISE_ONLY = ("torchtune", *TRL_MODES)  # chosen/rejected: k = 2 and the DPO loss
@@ -163,6 +165,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from rao_tune.training.optim_in_backward import OptimizerInBackward
 
     mode = args.worker
+    dense_mask = mode == "all_dense_mask"  # the same step as all, with the dense-mask attention
+    mode = "all" if dense_mask else mode
     device = torch.device(args.device)
     dtype = training.get_dtype(args.dtype, device=device)
     init_distributed(device)
@@ -200,6 +204,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     reference = setup_fsdp_model(cfg_model, state_dict, trainable=False, compile=args.compile, **options) \
         if needs_reference else None
     del state_dict
+    for net in (model, reference):
+        if dense_mask and net is not None:
+            net.prefix_shared_attention = False  # model_inputs then builds the dense boolean mask
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer_name, _, in_backward = args.optimizer.partition("+")
     if optimizer_name == "adamw8bit":

@@ -56,7 +56,7 @@ def test_benchmark_runs_on_an_hf_folder_as_it_is(tmp_path):
     out = tmp_path / "bench.json"
     finished = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "benchmark_efficiency.py"), "--checkpoint-dir", str(folder),
-         "--modes", "torchtune", "all", "--rounds", "1", "--steps", "1", "--max-tokens", "256", "--max-seq-len",
+         "--modes", "torchtune", "all", "all_dense_mask", "--rounds", "1", "--steps", "1", "--max-tokens", "256", "--max-seq-len",
          "2048", "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -65,6 +65,8 @@ def test_benchmark_runs_on_an_hf_folder_as_it_is(tmp_path):
             settings["intermediate"]) == (300, 2, 64, 4, 2, 128)
     assert report["runs"]["all"][0]["parameters"] == report["runs"]["torchtune"][0]["parameters"] > 0
     assert report["summaries"]["all"]["useful_tokens_per_s"] > 0
+    # The attention over the allowed blocks and the dense-mask SDPA compute the same step.
+    assert report["runs"]["all"][0]["losses"] == pytest.approx(report["runs"]["all_dense_mask"][0]["losses"], rel=1e-5)
 
 
 def test_benchmark_compares_optimizers_and_profiles_a_step(tmp_path):

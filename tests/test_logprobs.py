@@ -7,14 +7,21 @@ from torchtune.models.llama3 import llama3
 from torchtune.models.qwen2 import qwen2
 
 from rao_tune.data import collate_packed_batch, collate_reward_batch
+from rao_tune.training.attention import enable_prefix_shared_attention
 from rao_tune.training.logprobs import fused_token_logps, sequence_logps
 
 
-def tiny_model(seed=0, tied=False):
+def tiny_model(seed=0, tied=False, attention="dense mask"):
+    """``attention``: how packed rows are attended, a dense boolean mask to SDPA or SDPA on the allowed blocks
+    only (what every model the recipes build on CPU does)."""
     torch.manual_seed(seed)
     shape = dict(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=64,
                  intermediate_dim=64)
-    return qwen2(**shape, tie_word_embeddings=True) if tied else llama3(**shape)
+    model = qwen2(**shape, tie_word_embeddings=True) if tied else llama3(**shape)
+    return enable_prefix_shared_attention(model) if attention == "allowed blocks" else model
+
+
+ATTENTION = ["dense mask", "allowed blocks"]
 
 
 # Uneven response counts (1 to 4) and lengths; every prompt starts with the shared t0 = 1.
@@ -48,24 +55,26 @@ def direct_batch(model, samples):
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied embeddings"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("chunk_tokens", [3, 1024])
-def test_fused_logps_match_full_logits_per_sequence(layout, chunk_tokens, tied):
-    model = tiny_model(tied=tied)
+def test_fused_logps_match_full_logits_per_sequence(layout, chunk_tokens, tied, attention):
+    model = tiny_model(tied=tied, attention=attention)
     response_logps, prompt_logps = sequence_logps(model, LAYOUTS[layout](SAMPLES), chunk_tokens=chunk_tokens)
     expected_response, expected_prompt = direct_batch(model, SAMPLES)
     torch.testing.assert_close(response_logps, expected_response, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(prompt_logps, expected_prompt, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradients_match_full_logits_per_sequence(layout):
+def test_gradients_match_full_logits_per_sequence(layout, attention):
     # Distinct weights per response and on the prompt term, so every token's gradient differs.
     weights = torch.linspace(0.5, 2.0, sum(len(s["response_tokens"]) for s in SAMPLES))
 
     def grads(compute):
-        model = tiny_model()
+        model = tiny_model(attention=attention)
         response_logps, prompt_logps = compute(model)
         ((weights * response_logps).sum() + 0.3 * prompt_logps.sum()).backward()
         return {name: param.grad for name, param in model.named_parameters()}

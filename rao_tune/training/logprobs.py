@@ -130,7 +130,7 @@ def token_logps(model: nn.Module, batch: dict[str, Tensor], *, chunk_tokens: int
     """``[T]`` fp32 log-probs of the batch's scored tokens (``target_tokens`` at ``logit_positions``), from one
     forward pass of the decoder over either layout of :mod:`rao_tune.data.collate`."""
     with _unembedding_to_logps(model, batch["logit_positions"], batch["target_tokens"], chunk_tokens):
-        return model(batch["tokens"], **model_inputs(batch))
+        return model(batch["tokens"], **model_inputs(batch, model))
 
 
 def sequence_logps(

@@ -58,7 +58,7 @@ def build_scalar_head_model(
 
 def head_outputs(model: nn.Module, batch: dict[str, Tensor], positions: Tensor) -> Tensor:
     """``[P]`` fp32 outputs of a scalar-head model at the flat ``positions`` (row * S + column) of the batch."""
-    return last_token_scores(model(batch["tokens"], **model_inputs(batch)), positions)
+    return last_token_scores(model(batch["tokens"], **model_inputs(batch, model)), positions)
 
 
 def prompt_values(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
