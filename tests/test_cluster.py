@@ -28,8 +28,12 @@ TOTAL_STEPS = 16
 # how the global batch is split and summed.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # Tolerance between runs on different process counts: the same global batches and updates, summed in another
-# order (and packed into other rows); measured differences are ~1e-7 relative on losses.
-ACROSS_PROCESS_COUNTS = dict(rtol=1e-4, atol=1e-6)
+# order (and packed into other rows). Losses agree to ~1e-7 relative; weights after 16 AdamW steps at lr 3e-3 to
+# ~4e-6 absolute at worst: Adam divides by the gradient's root mean square, so where a gradient is near zero a
+# rounding difference becomes a difference of a sizeable fraction of lr. A skipped or repeated batch moves weights
+# by ~1e-3, far outside.
+ACROSS_PROCESS_COUNTS = dict(loss_rtol=1e-4, rtol=1e-3, atol=1e-5)
+SAME_COMPUTATION = dict(loss_rtol=1e-5, rtol=1e-5, atol=1e-6)
 pytestmark = pytest.mark.slow
 
 
@@ -89,12 +93,13 @@ def assert_same_result(run_dir, reference_dir, tiny_assets, tmp_path, tolerance)
     reference, run = read_disk_log(reference_dir / "logs"), read_disk_log(run_dir / "logs")
     assert sorted(s for s in run if s > 0) == list(range(1, TOTAL_STEPS + 1))
     for step in range(1, TOTAL_STEPS + 1):
-        assert run[step]["loss"] == pytest.approx(reference[step]["loss"], rel=tolerance["rtol"], abs=1e-7), step
+        assert run[step]["loss"] == pytest.approx(reference[step]["loss"], rel=tolerance["loss_rtol"], abs=1e-7), step
         assert run[step]["lr"] == pytest.approx(reference[step]["lr"], rel=1e-12), step
     expected = final_weights_of(reference_dir / "epoch_1", tiny_assets, tmp_path)
     got = final_weights_of(run_dir / "epoch_1", tiny_assets, tmp_path)
     for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, **tolerance, msg=name)
+        torch.testing.assert_close(got[name], value, rtol=tolerance["rtol"], atol=tolerance["atol"],
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +129,7 @@ def test_sigterm_saves_the_step_then_resume_continues_the_run(saved_on, resumed_
     assert code == 0, err[-3000:]
     assert not (output_dir / PREEMPTED_FILE).exists()
     if saved_on == resumed_on:  # the same computation as the uninterrupted run on that many processes
-        assert_same_result(output_dir, uninterrupted[resumed_on], tiny_assets, tmp_path, dict(rtol=1e-5, atol=1e-6))
+        assert_same_result(output_dir, uninterrupted[resumed_on], tiny_assets, tmp_path, SAME_COMPUTATION)
     else:
         assert f"Resumed on {resumed_on} processes a checkpoint written by {saved_on}" in err
         for reference in uninterrupted.values():
@@ -199,3 +204,24 @@ def test_the_slurm_script_requeues_a_preempted_job(tmp_path, preempted):
         assert (tmp_path / "scontrol_args").read_text().split() == ["requeue", "42"]
     else:
         assert done.returncode == 1 and not (tmp_path / "scontrol_args").exists()
+
+
+def test_damaged_cache_and_changed_resume_through_tune_run(tiny_assets, tmp_path):
+    """Items 4 and 5 through real `tune run` processes: a truncated reference table is reported and rebuilt; a
+    resume with another beta ends with the list of differences as its last line, exit code 2."""
+    output_dir = tmp_path / "run"
+    short = ["epochs=1", "max_steps_per_epoch=2"]
+    code, _, err = finish(tune_run(tiny_assets, output_dir, 1, *short, launcher=False))
+    assert code == 0, err[-3000:]
+    [table] = (output_dir / "reference_logps").glob("*.pt")
+    table.write_bytes(table.read_bytes()[:100])
+    code, _, err = finish(tune_run(tiny_assets, output_dir, 1, *short, "overwrite=True", launcher=False))
+    assert code == 0, err[-3000:]
+    assert f"Reference log-probs {table} are damaged (unreadable: " in err
+    code, _, err = finish(tune_run(tiny_assets, output_dir, 1, *short, "loss.beta=0.5", "resume_from_checkpoint=True",
+                                   launcher=False))
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"rao_tune error: resume_from_checkpoint: {complete_checkpoints(output_dir)[-1]} was written with other "
+        "settings (loss.beta: 0.1 -> 0.5); resume with the original ones, or name the changes you mean in "
+        "resume_allow_changes=[loss.beta]")
