@@ -73,8 +73,11 @@ def tree_checksums(path: Path) -> dict[str, str]:
     path = Path(path)
     sums = {}
     for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
         with open(item, "rb") as handle:
-            sums[item.relative_to(path).as_posix()] = hashlib.file_digest(handle, "sha256").hexdigest()
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        sums[item.relative_to(path).as_posix()] = digest.hexdigest()
     return sums
 
 

@@ -15,8 +15,9 @@
 # to refuse both.
 #
 # Preemption: Slurm sends SIGTERM 120 s before the time limit (--signal) or a preemption; torchrun forwards it to
-# every worker, which finishes its optimizer step, writes a step checkpoint and stops, leaving
-# output_dir/preempted.json. This script then requeues the job (--requeue), which resumes from that checkpoint.
+# every worker (and SIGKILLs them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later), which finishes its optimizer step,
+# writes a step checkpoint and stops, leaving output_dir/preempted.json. This script then requeues the job
+# (--requeue), which resumes from that checkpoint.
 #
 #SBATCH --job-name=rao-tune
 #SBATCH --signal=TERM@120
@@ -44,9 +45,15 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # Fail fast (instead of hanging until the collective timeout) if one node dies mid-collective.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
-# The run folder, from the overrides or the config (for the preemption note).
+# torchrun SIGKILLs its workers this many seconds after forwarding SIGTERM (its default, 30 s, is short for a
+# step plus an 8B step checkpoint); keep it below the --signal warning above.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
+# The run folder, from the overrides or the config (for the preemption note; a value with ${...} or quotes is not
+# resolved here: pass output_dir=... on the command line).
 output_dir=$(printf '%s\n' "$@" | sed -n 's/^output_dir=//p' | tail -n 1)
-output_dir=${output_dir:-$(sed -n 's/^output_dir: *//p' "$config" | head -n 1)}
+output_dir=${output_dir:-$(sed -n 's/^output_dir: *\([^ #]*\).*/\1/p' "$config" 2>/dev/null | head -n 1 || true)}
+# A note left by an earlier stop would requeue this job again if it failed before the recipe removes it.
+[[ -n "$output_dir" ]] && rm -f "$output_dir/preempted.json"
 
 echo "$SLURM_JOB_NUM_NODES nodes x $gpus_per_node GPUs, rendezvous at $rendezvous_host:$rendezvous_port"
 status=0

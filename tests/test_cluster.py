@@ -194,6 +194,8 @@ def test_the_slurm_script_requeues_a_preempted_job(tmp_path, preempted):
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
+    if not preempted:  # a note left by an earlier stop must not requeue a job that failed for another reason
+        (output_dir / "preempted.json").write_text('{"signal": "SIGTERM", "step": 3}\n')
     env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_ID": "42",
            "SLURM_JOB_NUM_NODES": "1"}
     done = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "slurm_multinode.sh"), "recipes/rao_distributed.py",

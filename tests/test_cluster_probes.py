@@ -210,3 +210,40 @@ def test_a_full_disk_during_a_step_checkpoint_is_one_line_and_resumable(tmp_path
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(s for s in read_disk_log(output_dir / "logs") if s > 0) == [1, 2, 3, 4]
+
+
+def test_a_shard_lost_by_a_writer_thread_fails_the_save(monkeypatch, tmp_path, tiny_assets):
+    """DCP's extra writer threads can die without the save noticing (torch 2.13): the save must fail (one line,
+    naming the OSError) instead of renaming a folder with a missing shard into a complete checkpoint."""
+    import errno
+    import threading
+
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+    write_item = dcp_filesystem._write_item
+
+    def fail_off_the_main_thread(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_item(*args, **kwargs)
+
+    monkeypatch.setattr(dcp_filesystem, "_write_item", fail_off_the_main_thread)
+    output_dir = tmp_path / "run"
+    with pytest.raises(CheckpointWriteError, match=r"the step checkpoint step_00000001 could not be written in .* "
+                                                   r"\(OSError: \[Errno 28\] No space left on device; .* MiB free there\)"):
+        run(monkeypatch, tiny_assets, output_dir, *TWO_EPOCHS, "save_every_n_steps=1")
+    assert complete_checkpoints(output_dir) == []
+
+
+def test_a_second_signal_stops_at_once():
+    """The first SIGTERM/SIGUSR1 only asks for a save at the step's end; a second one acts as the signal would."""
+    script = ("import os, signal, time\n"
+              "from rao_tune.training.cluster import PreemptionWatch\n"
+              "watch = PreemptionWatch([signal.SIGUSR1])\n"
+              "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2)\n"
+              "print('first:', watch.received.name, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(5)\n"
+              "print('still running')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["first: SIGUSR1"]
+    assert done.returncode == -signal.SIGUSR1

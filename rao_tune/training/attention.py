@@ -67,8 +67,14 @@ class PrefixSharedGroups:
                 if group >= 0:
                     span = spans.setdefault(group, {}).setdefault(segment, [column, column])
                     span[1] = column + 1
-            self.rows.append([(tuple(parts.pop(0)), [tuple(span) for span in parts.values()])
-                              for parts in spans.values()])
+            row = [(tuple(parts.pop(0)), [tuple(span) for span in parts.values()]) for parts in spans.values()]
+            # prefix_shared_attention assembles the row from these spans in column order, padding last: they must
+            # tile the real tokens (as collate_packed_batch lays them out)
+            tiles = sorted(span for prompt, responses in row for span in (prompt, *responses))
+            ends = [0] + [end for _, end in tiles]
+            if [start for start, _ in tiles] != ends[:-1] or ends[-1] != sum(group >= 0 for group in groups):
+                raise ValueError("packed row whose prompt and response spans do not tile its real tokens")
+            self.rows.append(row)
 
 
 def prefix_shared_attention(q: Tensor, k: Tensor, v: Tensor, groups: PrefixSharedGroups) -> Tensor:

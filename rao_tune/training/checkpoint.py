@@ -123,7 +123,7 @@ class StepCheckpointer:
         thread_errors: list[BaseException] = []
         try:
             with _writer_thread_errors(thread_errors):
-                return self._save(model, optimizer, lr_scheduler, progress, run_settings, final)
+                return self._save(model, optimizer, lr_scheduler, progress, run_settings, final, thread_errors)
         except (Exception, CheckpointException) as err:  # (DCP's is a BaseException)
             self._raise_write_error(final, err, thread_errors)
             raise
@@ -144,7 +144,7 @@ class StepCheckpointer:
         ) from err
 
     def _save(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any, progress: Progress,
-              run_settings: dict[str, Any], final: Path) -> Path:
+              run_settings: dict[str, Any], final: Path, thread_errors: list[BaseException]) -> Path:
         started = time.perf_counter()
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
@@ -167,6 +167,10 @@ class StepCheckpointer:
             self._pending = (future, partial, final, started)
             return final
         dcp.save(state, storage_writer=writer)
+        # torch 2.13's extra writer threads can die without the save noticing: a shard would be missing from a
+        # folder about to be called complete. Every rank learns whether any rank lost one, before the rename.
+        if _any_rank(bool(thread_errors)):
+            raise thread_errors[0] if thread_errors else OSError(f"another process could not write its part of {partial}")
         self._commit(partial, final, started)
         return final
 
@@ -243,7 +247,14 @@ def _writer_thread_errors(errors: list[BaseException]) -> Iterator[None]:
     """DCP's writer threads let a failed write escape, and Python would print each one's traceback: collect them
     into ``errors`` instead; the save reports the failure once (:meth:`StepCheckpointer._raise_write_error`)."""
     previous = threading.excepthook
-    threading.excepthook = lambda args: errors.append(args.exc_value)
+
+    def record(args: Any) -> None:
+        if _write_failure(args.exc_value) is None:  # not a failed write: someone else's thread, report as usual
+            previous(args)
+        else:
+            errors.append(args.exc_value)
+
+    threading.excepthook = record
     try:
         yield
     finally:
@@ -280,6 +291,15 @@ def write_hf_export(
     fsync_tree(staged)
     replace_dir(staged, Path(export_dir))
     log.info("Exported %s in HF format in %.1f s", export_dir, time.perf_counter() - started)
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (collective)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = torch.tensor([float(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)  # gloo group: CPU tensor (nccl runs as cuda:nccl,cpu:gloo)
+        return bool(value.item())
+    return flag
 
 
 def _barrier() -> None:

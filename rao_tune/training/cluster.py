@@ -65,10 +65,13 @@ class PreemptionWatch:
         self._previous = {number: signal.signal(number, self._handle) for number in signals}
 
     def _handle(self, number: int, frame: Optional[FrameType]) -> None:
-        if self.received is None:
-            self.received = signal.Signals(number)
-            log.warning("received %s: finishing this step, then saving a step checkpoint and stopping",
-                        self.received.name)
+        if self.received is not None:  # a second signal: the user insists, stop now as the signal would
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+            return
+        self.received = signal.Signals(number)
+        log.warning("received %s: finishing this step, then saving a step checkpoint and stopping (a second "
+                    "signal stops at once)", self.received.name)
 
     def requested(self, device: torch.device) -> Optional[str]:
         """The signal's name if any process received one (collective when there are several processes)."""
@@ -117,7 +120,11 @@ class RunLock:
         handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as err:
+            if not isinstance(err, BlockingIOError):  # a file system without flock (some Lustre mounts)
+                log.warning("cannot lock %s (%s): a second job on this output_dir would not be stopped", self.path, err)
+                handle.close()
+                return self
             handle.seek(0)
             holder = handle.read().strip() or "unknown holder"
             handle.close()

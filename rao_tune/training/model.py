@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchtune import config, modules, training
 
-from rao_tune.training.attention import enable_prefix_shared_attention, flex_attention_on
+from rao_tune.training.attention import enable_prefix_shared_attention
 from rao_tune.training.lora import freeze_all_but_adapters, initial_adapter_state, lora_settings
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def setup_fsdp_model(
     training.validate_no_params_on_meta_device(model)
     # Dropout would make policy and reference log-probs of the same sequence disagree at step 0.
     training.disable_dropout(model)
-    if not flex_attention_on(device):  # packed rows: attention over the allowed blocks, not a dense mask
+    if device.type == "cpu":  # packed rows: attention over the allowed blocks, not a dense mask (CUDA: flex)
         enable_prefix_shared_attention(model)
     if lora_settings(model) is not None:  # loading keeps requires_grad; set again in case a torch version does not
         freeze_all_but_adapters(model)

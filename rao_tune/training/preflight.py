@@ -212,7 +212,7 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[tup
 def refuse_unallowed_changes(checkpoint: Path, changes: list[tuple[str, Any, Any]], allowed: Iterable[str]) -> None:
     """Refuse ``changes`` (``(key, old, new)``) unless ``resume_allow_changes`` names each key or a node above it;
     the allowed ones are logged."""
-    allowed = [str(name) for name in allowed or ()]
+    allowed = [allowed] if isinstance(allowed, str) else [str(name) for name in allowed or ()]
 
     def covered(key: str) -> bool:
         return any(key == name or key.startswith(f"{name}.") for name in allowed)
