@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torchtune import training, utils
 
 from rao_tune.files import fsync_tree, replace_dir, torch_save_atomically
+from rao_tune.training.distributed import max_over_ranks
 from rao_tune.training.errors import CheckpointWriteError
 from rao_tune.training.lora import ADAPTER_DIR, AdapterExport
 from rao_tune.training.optim_in_backward import checkpointed_optimizers
@@ -169,7 +170,7 @@ class StepCheckpointer:
         dcp.save(state, storage_writer=writer)
         # torch 2.13's extra writer threads can die without the save noticing: a shard would be missing from a
         # folder about to be called complete. Every rank learns whether any rank lost one, before the rename.
-        if _any_rank(bool(thread_errors)):
+        if max_over_ranks(float(bool(thread_errors))):  # any rank lost a shard
             raise thread_errors[0] if thread_errors else OSError(f"another process could not write its part of {partial}")
         self._commit(partial, final, started)
         return final
@@ -291,15 +292,6 @@ def write_hf_export(
     fsync_tree(staged)
     replace_dir(staged, Path(export_dir))
     log.info("Exported %s in HF format in %.1f s", export_dir, time.perf_counter() - started)
-
-
-def _any_rank(flag: bool) -> bool:
-    """Whether ``flag`` holds on any process (collective)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = torch.tensor([float(flag)])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)  # gloo group: CPU tensor (nccl runs as cuda:nccl,cpu:gloo)
-        return bool(value.item())
-    return flag
 
 
 def _barrier() -> None:

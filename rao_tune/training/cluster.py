@@ -25,7 +25,8 @@ from types import FrameType
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
+
+from rao_tune.training.distributed import max_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,7 @@ class PreemptionWatch:
         """The signal's name if any process received one (collective when there are several processes)."""
         if not self._previous:
             return None
-        code = float(self.received or 0)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([code], dtype=torch.float64, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            code = float(flag.item())
+        code = max_over_ranks(float(self.received or 0), device)
         return signal.Signals(int(code)).name if code else None
 
     def close(self) -> None:

@@ -34,6 +34,16 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, packed.tolist()))
 
 
+def max_over_ranks(value: float, device: torch.device = torch.device("cpu")) -> float:
+    """The largest ``value`` over ranks (one collective; the value itself with one process). A CPU tensor by
+    default: the CUDA process group is ``cuda:nccl,cpu:gloo``, so a CPU flag goes through gloo."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        packed = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        return float(packed.item())
+    return float(value)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

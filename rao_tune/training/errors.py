@@ -5,7 +5,9 @@ Every check of rao_tune (config, data, checkpoint, resume, cache, run folder) ra
 ``FloatingPointError``. :func:`run_main` (each recipe file's ``__main__``) prints that message as the last line of
 the process's output, once, and exits with 2; ``RAO_TUNE_DEBUG=1`` shows the traceback as well. Under ``torchrun``
 the message also goes to the worker's error file, so torchrun's failure summary names it as the root cause instead
-of "<N/A>". A preemption stop (:class:`~rao_tune.training.cluster.Preempted`) exits with
+of "<N/A>". Our checks raise from rao_tune or a recipe file; a ValueError raised anywhere else (torch, torchtune,
+a library bug) keeps the one line but names where it was raised, so a bug is not mistaken for a refusal. A
+preemption stop (:class:`~rao_tune.training.cluster.Preempted`) exits with
 :data:`~rao_tune.training.cluster.PREEMPTED_EXIT_CODE`. Anything else is a bug and keeps its traceback.
 """
 
@@ -17,9 +19,11 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Callable
 
 from rao_tune.training.cluster import PREEMPTED_EXIT_CODE, Preempted
+
 
 class CheckpointWriteError(OSError):
     """A step checkpoint could not be written (disk full, quota, permissions); the message names the cause and
@@ -29,6 +33,8 @@ class CheckpointWriteError(OSError):
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, CheckpointWriteError)
 REFUSED_EXIT_CODE = 2
 DEBUG_VARIABLE = "RAO_TUNE_DEBUG"
+# Where our own checks live: the package and the recipe files beside it.
+OUR_CODE = (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2] / "recipes")
 
 
 def run_main(main: Callable[[], object]) -> int:
@@ -44,6 +50,7 @@ def run_main(main: Callable[[], object]) -> int:
         if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             traceback.print_exc()
         message = f"{type(err).__name__}: {err}" if isinstance(err, FloatingPointError) else str(err)
+        message += raised_outside_our_code(err)
         _record_for_torchrun(message)
         last_line, code = f"rao_tune error: {message}", REFUSED_EXIT_CODE
     # Out of the except block the failed run's frames are released: what they still hold (a progress bar) prints
@@ -52,6 +59,19 @@ def run_main(main: Callable[[], object]) -> int:
     sys.stderr.flush()
     print(last_line, file=sys.stderr, flush=True)
     return code
+
+
+def raised_outside_our_code(err: BaseException) -> str:
+    """Empty when ``err`` was raised by rao_tune or a recipe file (a refusal); else where it was raised."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return ""
+    origin = frames[-1]
+    path = Path(origin.filename).resolve()
+    if any(path.is_relative_to(root) for root in OUR_CODE):
+        return ""
+    return (f" ({type(err).__name__} raised in {origin.filename}:{origin.lineno}, {origin.name}; "
+            f"{DEBUG_VARIABLE}=1 shows the traceback)")
 
 
 def _record_for_torchrun(message: str) -> None:
