@@ -46,7 +46,7 @@ SPLITS = "disjoint: train, validation and test prompts drawn without replacement
 def prepare_seed(out: Path, seed: int, scale: Mapping[str, Any]) -> dict[str, Any]:
     """Everything alignment runs of ``seed`` share, built once into ``out`` (skipped when ``prepared.json`` says
     it was built with the same ``scale``). ``scale``: sft_demonstrations, train_prompts, validation_prompts,
-    test_prompts, samples_per_prompt, sft_epochs, reward_model_epochs."""
+    test_prompts, samples_per_prompt, sft_epochs, reward_model_epochs, and optionally sample_temperature."""
     out = Path(out)
     record_path = out / "prepared.json"
     if record_path.exists():
@@ -75,8 +75,10 @@ def prepare_seed(out: Path, seed: int, scale: Mapping[str, Any]) -> dict[str, An
                f"dataset.data_files={data / 'sft.jsonl'}", f"epochs={sft_epochs}", "batch_size=16")
     sft_dir = out / "sft" / f"epoch_{sft_epochs - 1}"
 
+    # scale.sample_temperature (optional; tiny_sample's 1.0 when absent, so existing seeds keep their record)
+    temperature = [f"temperature={scale['sample_temperature']}"] if "sample_temperature" in scale else []
     for split in ("train", "validation"):  # validation samples only measure the reward model
-        run_recipe("sample_responses", "tiny_sample", *common, f"checkpoint_dir={sft_dir}",
+        run_recipe("sample_responses", "tiny_sample", *common, *temperature, f"checkpoint_dir={sft_dir}",
                    f"output_dir={out / 'samples'}", f"prompts={data / f'{split}_prompts.jsonl'}",
                    f"num_samples={scale['samples_per_prompt']}", f"output_path={out / 'samples' / f'{split}.jsonl'}")
         run_recipe("annotate_rewards", "tiny_true_reward", *common, f"output_dir={out / 'true_rewards'}",
