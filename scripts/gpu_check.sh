@@ -10,7 +10,8 @@
 # tiktoken and transformers, and no network. It lacks torchtune, torchao, omegaconf, datasets (which torchtune
 # imports) and datasets' dill and multiprocess, and torchdata: about 10 MB of wheels, carried in .whl/ (ignored by
 # git; the device tool's `carry`). xxhash (datasets) and psutil (torchtune.training) are carried too: an environment
-# with exactly the packages listed above (torch 2.11 + transformers 5.17 on CPU) failed to import without them. The figures go to stdout and to ${OUT:-.}/gpu_check.json.
+# with exactly the packages listed above (torch 2.11 + transformers 5.17 on CPU) failed to import without them.
+# The figures go to stdout and to ${OUT:-.}/gpu_check.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
