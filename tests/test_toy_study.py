@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from rao_tune.files import read_jsonl
-from rao_tune.toy.study import Condition, Run, Study, load_study_config, mean_interval, run_study, select_setting
+from rao_tune.toy.study import (Condition, Run, Study, load_study_config, mean_interval, run_study, select_setting,
+                                verdict)
 from rao_tune.toy.task import true_reward
 
 pytestmark = pytest.mark.slow
@@ -132,6 +133,20 @@ def test_intervals_are_student_t():
     mean, half = mean_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3**0.5)
     assert mean_interval([0.5])[0] == 0.5
+
+
+def test_the_report_says_plainly_which_methods_beat_sft():
+    # paired gains over SFT per seed: clearly above, clearly below, and spread across zero
+    gains = {"A": [0.10, 0.12, 0.11], "B": [-0.05, -0.06, -0.055], "C": [0.10, -0.10, 0.0]}
+    rows = [{"method": "SFT"}] + [{"method": m, "vs_sft": mean_interval(g)} for m, g in gains.items()]
+    half_a = 4.303 * statistics.stdev(gains["A"]) / 3**0.5
+    text = verdict(rows)
+    assert text.startswith(f"Beat SFT on test with a 95% interval above zero: A (0.110 ± {half_a:.3f}). ")
+    assert "Below SFT with an interval below zero: B (-0.055 ± " in text
+    assert text.endswith("The other 1 methods are within their intervals of SFT.")
+    one_seed = [{"method": "SFT"}] + [{"method": m, "vs_sft": mean_interval(g[:1])} for m, g in gains.items()]
+    assert verdict(one_seed).startswith("One seed, so no intervals: test true reward above SFT's for 2 of 3 methods "
+                                        "(A +0.100, C +0.100)")
 
 
 def test_plan_ablations_at_the_chosen_setting_and_sweeps_override_it(tmp_path):

@@ -361,6 +361,27 @@ def fig2_claims(sweep_rows: Sequence[Mapping[str, Any]], beta_key: str = "loss.b
     return claims
 
 
+def verdict(main_rows: Sequence[Mapping[str, Any]]) -> str:
+    """One plain sentence: which methods beat their SFT start on test, by how much, and how sure that is."""
+    rows = [r for r in main_rows if "vs_sft" in r]
+    if not rows:
+        return "No method was run."
+    if any(math.isnan(r["vs_sft"][1]) for r in rows):  # one seed: differences without intervals
+        above = sorted((r for r in rows if r["vs_sft"][0] > 0), key=lambda r: -r["vs_sft"][0])
+        named = ", ".join(f"{r['method']} {r['vs_sft'][0]:+.3f}" for r in above) or "none"
+        return (f"One seed, so no intervals: test true reward above SFT's for {len(above)} of {len(rows)} methods "
+                f"({named}); differences of one seed are not evidence that a method beats SFT (run the study).")
+    better = [r for r in rows if r["vs_sft"][0] - r["vs_sft"][1] > 0]
+    worse = [r for r in rows if r["vs_sft"][0] + r["vs_sft"][1] < 0]
+
+    def listed(group):
+        return ", ".join(f"{r['method']} ({_fmt(r['vs_sft'])})" for r in group) or "none"
+
+    return (f"Beat SFT on test with a 95% interval above zero: {listed(better)}. Below SFT with an interval below "
+            f"zero: {listed(worse)}. The other {len(rows) - len(better) - len(worse)} methods are within their "
+            "intervals of SFT.")
+
+
 def write_report(study: Study, report: Mapping[str, Any], chosen: Mapping[str, tuple]) -> Path:
     """``<out>/study.md``, ``<out>/study.json`` and the PNG figures."""
     from rao_tune.toy.plots import curves_plot, results_plot, sweep_plot
@@ -373,8 +394,8 @@ def write_report(study: Study, report: Mapping[str, Any], chosen: Mapping[str, t
         "",
         f"{report['num_runs']} alignment runs ({report['run_seconds']:.0f} s each on average). Main condition "
         f"`{report['main_condition']}`: rewards standardized over the training set. Per method the setting with the "
-        "best mean **validation** true reward is chosen; the **test** prompts (drawn independently of the validation "
-        "ones from the same task; the splits are not deduplicated) are only reported. "
+        "best mean **validation** true reward is chosen; the **test** prompts (disjoint from the training and "
+        "validation prompts, none of them demonstrated in SFT) are only reported. "
         "Intervals: 95% t-intervals over seeds.",
         "",
         f"Reward model (per seed, Bradley-Terry on SFT samples ordered by the true reward): held-out pair accuracy "
@@ -389,6 +410,8 @@ def write_report(study: Study, report: Mapping[str, Any], chosen: Mapping[str, t
         "|---|---|---|---|---|---|---|",
         *[f"| {r['method']} | {r['kind']} | {r['setting']} | {_fmt(r['validation'])} | {_fmt(r['test'])} | "
           f"{_fmt(r['vs_sft']) if 'vs_sft' in r else '-'} | {_fmt(r['accuracy'])} |" for r in report["main"]],
+        "",
+        f"**{verdict(report['main'])}**",
         "",
         "## Ablations (each method at its chosen setting, one thing changed; test true reward)",
         "",
