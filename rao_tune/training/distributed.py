@@ -25,23 +25,25 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
+def _all_reduce(values: list[float], device: torch.device, op: dist.ReduceOp) -> list[float]:
+    """``values`` reduced over ranks in one collective (float64); the values themselves with one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(value) for value in values]
+    packed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=op)
+    return packed.tolist()
+
+
 def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sum a dict of floats over ranks (one collective for all of them)."""
     keys = sorted(values)
-    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(packed)
-    return dict(zip(keys, packed.tolist()))
+    return dict(zip(keys, _all_reduce([float(values[k]) for k in keys], device, dist.ReduceOp.SUM)))
 
 
 def max_over_ranks(value: float, device: torch.device = torch.device("cpu")) -> float:
-    """The largest ``value`` over ranks (one collective; the value itself with one process). A CPU tensor by
-    default: the CUDA process group is ``cuda:nccl,cpu:gloo``, so a CPU flag goes through gloo."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        packed = torch.tensor([float(value)], dtype=torch.float64, device=device)
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-        return float(packed.item())
-    return float(value)
+    """The largest ``value`` over ranks. A CPU tensor by default: the CUDA process group is ``cuda:nccl,cpu:gloo``,
+    so a CPU flag goes through gloo."""
+    return _all_reduce([float(value)], device, dist.ReduceOp.MAX)[0]
 
 
 def free_port() -> int:
